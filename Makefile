@@ -1,0 +1,19 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test test-all lint
+install:
+	@bash scripts/setup.sh
+
+demo: install
+	$(PY) -m sambridge demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m "not gpu"
+
+lint: install
+	$(VENV)/bin/ruff check sambridge data_pipelines scripts tests train.py

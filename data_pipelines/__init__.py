@@ -1,0 +1,1 @@
+"""Everything data: sample schema, shard writing, converters, synthetic data and the DataModule."""

@@ -1,0 +1,276 @@
+"""The shard sample schema, as code: build samples, encode masks, validate, (de)serialise.
+
+One WebDataset sample is one image with K noun-phrase queries::
+
+    __key__  unique, stable id (source + image id)
+    jpg|png|webp  the image bytes, unmodified where possible
+    json     {"schema": 1,
+              "image": {"id": ..., "width": W, "height": H, "source": "coco:val2017"},
+              "queries": [{"phrase": "red apple", "exhaustive": true,
+                           "instances": [{"rle": {"size": [H, W], "counts": "..."},
+                                          "bbox": [x, y, w, h]}]},
+                          {"phrase": "pear", "exhaustive": true, "instances": []}]}
+    teacher.safetensors  optional cached teacher outputs (never pickle)
+
+A query without instances is a negative phrase. ``exhaustive`` says every instance of the phrase
+in the image is annotated: only exhaustive queries count as negatives or for recall.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+SCHEMA_VERSION = 1
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+TEACHER_FIELD = "teacher.safetensors"
+BBOX_TOLERANCE_PX = 1.0
+
+
+class SampleError(ValueError):
+    """A sample breaks the schema; the message names the source file, sample key and field."""
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None,
+                 field: str | None = None) -> None:
+        self.source, self.key, self.field, self.reason = source, key, field, message
+        where = ", ".join(part for part in (
+            f"file {source}" if source else "",
+            f"sample {key!r}" if key else "",
+            f"field {field}" if field else "") if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+def normalize_phrase(phrase: str) -> str:
+    """Lower-case, underscores to spaces, single spaces: 'Baseball_Bat ' -> 'baseball bat'."""
+    return re.sub(r"\s+", " ", phrase.replace("_", " ")).strip().lower()
+
+
+@dataclass
+class Instance:
+    """One object: a COCO RLE mask (``counts`` as str) and its box ``[x, y, w, h]`` in pixels."""
+
+    rle: dict[str, Any]
+    bbox: list[float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rle": self.rle, "bbox": [float(v) for v in self.bbox]}
+
+
+@dataclass
+class Query:
+    """A noun phrase asked of one image and every instance it refers to."""
+
+    phrase: str
+    instances: list[Instance] = field(default_factory=list)
+    exhaustive: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"phrase": self.phrase, "exhaustive": self.exhaustive,
+                "instances": [inst.to_json() for inst in self.instances]}
+
+
+@dataclass
+class Sample:
+    """One image with its queries, as written to a shard."""
+
+    key: str
+    image: bytes
+    image_format: str
+    width: int
+    height: int
+    queries: list[Query]
+    image_id: str | int | None = None
+    source: str = ""
+    teacher: bytes | None = None
+
+    def meta(self) -> dict[str, Any]:
+        return {"schema": SCHEMA_VERSION,
+                "image": {"id": self.key if self.image_id is None else self.image_id,
+                          "width": self.width, "height": self.height, "source": self.source},
+                "queries": [q.to_json() for q in self.queries]}
+
+    def to_wds(self) -> dict[str, Any]:
+        """The dict ``webdataset.TarWriter.write`` takes (bytes values are written as they are)."""
+        record: dict[str, Any] = {"__key__": self.key, self.image_format: self.image,
+                                  "json": json.dumps(self.meta(), separators=(",", ":")).encode()}
+        if self.teacher is not None:
+            record[TEACHER_FIELD] = self.teacher
+        return record
+
+
+# ----------------------------------------------------------------------------------------------
+# masks
+# ----------------------------------------------------------------------------------------------
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """Binary (H, W) mask -> compressed COCO RLE with ``counts`` as str (JSON-safe)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    """COCO RLE (compressed str/bytes or uncompressed list counts) -> (H, W) bool mask."""
+    h, w = rle["size"]
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        rle = mask_utils.frPyObjects(rle, h, w)
+    elif isinstance(counts, str):
+        rle = {"size": [h, w], "counts": counts.encode("ascii")}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def rle_bbox(rle: dict[str, Any]) -> list[float]:
+    """Tight ``[x, y, w, h]`` box of an RLE mask (pycocotools convention; zeros for empty)."""
+    counts = rle["counts"]
+    compressed = {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return [float(v) for v in mask_utils.toBbox(compressed)]
+
+
+def instance_from_mask(mask: np.ndarray) -> Instance:
+    """Instance with the mask's RLE and its tight box; the mask must not be empty."""
+    rle = encode_mask(mask)
+    return Instance(rle=rle, bbox=rle_bbox(rle))
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+# ----------------------------------------------------------------------------------------------
+def image_format_of(data: bytes) -> str:
+    """'jpg' | 'png' | 'webp' from the file's magic bytes."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise ValueError("image bytes are not JPEG, PNG or WebP")
+
+
+def encode_image(array: np.ndarray, image_format: str = "png", quality: int = 95) -> bytes:
+    """(H, W, 3) uint8 array -> encoded bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[image_format],
+                                **({"quality": quality} if image_format != "png" else {}))
+    return buf.getvalue()
+
+
+def image_size_of(data: bytes) -> tuple[int, int]:
+    """(width, height) read from the header without decoding pixels."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def validate_meta(meta: Any, *, key: str | None = None, source: str | None = None,
+                  image_size: tuple[int, int] | None = None) -> None:
+    """Check a sample's ``json`` against the schema; raise :class:`SampleError` naming the field.
+
+    Args:
+        meta: the decoded ``json`` of one sample.
+        key: the sample key, for the error message.
+        source: the file the sample came from, for the error message.
+        image_size: ``(width, height)`` of the decoded image, if known; must match the metadata.
+    """
+    def fail(message: str, where: str) -> None:
+        raise SampleError(message, source=source, key=key, field=where)
+
+    if not isinstance(meta, dict):
+        fail(f"expected an object, got {type(meta).__name__}", "json")
+    if meta.get("schema") != SCHEMA_VERSION:
+        fail(f"schema version {meta.get('schema')!r} is not {SCHEMA_VERSION}", "schema")
+    image = meta.get("image")
+    if not isinstance(image, dict):
+        fail("missing or not an object", "image")
+    width, height = image.get("width"), image.get("height")
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            fail(f"must be a positive integer, got {value!r}", f"image.{name}")
+    if image_size is not None and tuple(image_size) != (width, height):
+        fail(f"image is {image_size[0]}x{image_size[1]} but metadata says {width}x{height}",
+             "image.width/height")
+    queries = meta.get("queries")
+    if not isinstance(queries, list):
+        fail("missing or not a list", "queries")
+    seen: set[str] = set()
+    for qi, query in enumerate(queries):
+        where = f"queries[{qi}]"
+        if not isinstance(query, dict):
+            fail("not an object", where)
+        phrase = query.get("phrase")
+        if not isinstance(phrase, str) or not phrase.strip():
+            fail(f"phrase must be a non-empty string, got {phrase!r}", f"{where}.phrase")
+        if phrase in seen:
+            fail(f"phrase {phrase!r} appears twice in one sample", f"{where}.phrase")
+        seen.add(phrase)
+        if not isinstance(query.get("exhaustive", True), bool):
+            fail("must be true or false", f"{where}.exhaustive")
+        instances = query.get("instances")
+        if not isinstance(instances, list):
+            fail("missing or not a list", f"{where}.instances")
+        for ii, inst in enumerate(instances):
+            _validate_instance(inst, (height, width), f"{where}.instances[{ii}]", fail)
+
+
+def _validate_instance(inst: Any, hw: tuple[int, int], where: str, fail) -> None:
+    if not isinstance(inst, dict) or "rle" not in inst or "bbox" not in inst:
+        fail("instance must be an object with 'rle' and 'bbox'", where)
+    rle = inst["rle"]
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        fail("RLE must be an object with 'size' and 'counts'", f"{where}.rle")
+    if [int(s) for s in rle["size"]] != list(hw):
+        fail(f"RLE size {list(rle['size'])} does not match image size [H, W] = {list(hw)}", f"{where}.rle.size")
+    try:
+        mask = decode_rle(rle)
+    except Exception as err:  # pycocotools raises bare Exceptions/ValueErrors on corrupt counts
+        fail(f"RLE does not decode: {err}", f"{where}.rle.counts")
+    if mask.shape != hw:
+        fail(f"RLE decodes to {list(mask.shape)}, expected {list(hw)}", f"{where}.rle.counts")
+    if not mask.any():
+        fail("mask is empty", f"{where}.rle")
+    bbox = inst["bbox"]
+    if not (isinstance(bbox, list | tuple) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
+        fail(f"bbox must be [x, y, w, h], got {bbox!r}", f"{where}.bbox")
+    ys, xs = np.nonzero(mask)
+    tight = (xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min())
+    if max(abs(float(a) - float(b)) for a, b in zip(bbox, tight)) > BBOX_TOLERANCE_PX:
+        fail(f"bbox {list(bbox)} disagrees with the mask's box {[int(v) for v in tight]}", f"{where}.bbox")
+
+
+def sample_from_wds(record: dict[str, Any], *, source: str | None = None, check_image: bool = False) -> Sample:
+    """Rebuild a :class:`Sample` from a raw (undecoded) webdataset record and validate it."""
+    key = record.get("__key__")
+    source = source or record.get("__url__")
+    formats = [ext for ext in IMAGE_EXTENSIONS if ext in record]
+    if len(formats) != 1:
+        raise SampleError(f"expected exactly one image field of {IMAGE_EXTENSIONS}, found {formats}",
+                          source=source, key=key, field="image")
+    if "json" not in record:
+        raise SampleError("missing", source=source, key=key, field="json")
+    try:
+        meta = json.loads(record["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SampleError(f"not valid JSON: {err}", source=source, key=key, field="json") from err
+    image = record[formats[0]]
+    size = None
+    if check_image:
+        try:
+            size = image_size_of(image)
+        except Exception as err:
+            raise SampleError(f"image does not decode: {err}", source=source, key=key,
+                              field=formats[0]) from err
+    validate_meta(meta, key=key, source=source, image_size=size)
+    info = meta["image"]
+    queries = [Query(phrase=q["phrase"], exhaustive=q.get("exhaustive", True),
+                     instances=[Instance(rle=i["rle"], bbox=list(i["bbox"])) for i in q["instances"]])
+               for q in meta["queries"]]
+    return Sample(key=key, image=image, image_format=formats[0], width=info["width"], height=info["height"],
+                  queries=queries, image_id=info.get("id"), source=info.get("source", ""),
+                  teacher=record.get(TEACHER_FIELD))

@@ -1,0 +1,5 @@
+"""Command-line entry (placeholder until the LightningCLI lands)."""
+
+
+def main(args: list[str] | None = None) -> None:
+    raise SystemExit("sambridge: not implemented yet")
