@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -55,6 +55,12 @@ class GroundingBatch:
     @property
     def num_queries(self) -> int:
         return len(self.phrases)
+
+    def pin_memory(self) -> GroundingBatch:
+        """Page-locked copy (``DataLoader(pin_memory=True)`` calls this on custom batch types)."""
+        pinned = {name: value.pin_memory() for name, value in vars(self).items() if isinstance(value, Tensor)}
+        teacher = {k: v.pin_memory() for k, v in self.teacher.items()} if self.teacher is not None else None
+        return replace(self, **pinned, teacher=teacher)
 
     def instance_slices(self) -> list[slice]:
         """Per query, the slice of ``boxes``/``masks`` holding its instances."""

@@ -32,6 +32,7 @@ SCHEMA_VERSION = 1
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 TEACHER_FIELD = "teacher.safetensors"
 BBOX_TOLERANCE_PX = 1.0
+KEY_PATTERN = re.compile(r"[^./\\\s]+")
 
 
 class SampleError(ValueError):
@@ -45,6 +46,17 @@ class SampleError(ValueError):
             f"sample {key!r}" if key else "",
             f"field {field}" if field else "") if part)
         super().__init__(f"{where}: {message}" if where else message)
+
+
+def validate_key(key: Any, *, source: str | None = None) -> None:
+    """A sample key must be a non-empty string without dots, slashes or whitespace.
+
+    WebDataset groups tar members by the part of the name before the first dot, so a dot in a
+    key would split one sample into several.
+    """
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+        raise SampleError(f"key must be a non-empty string without '.', '/', '\\' or whitespace, got {key!r}",
+                          source=source, key=key if isinstance(key, str) else None, field="__key__")
 
 
 def normalize_phrase(phrase: str) -> str:
@@ -89,6 +101,8 @@ class Sample:
     image_id: str | int | None = None
     source: str = ""
     teacher: bytes | None = None
+    origin: str | None = None  # the file it came from, named in error messages (not written)
+    dropped: dict[str, int] = field(default_factory=dict)  # annotations left out, by reason (not written)
 
     def meta(self) -> dict[str, Any]:
         return {"schema": SCHEMA_VERSION,
@@ -110,26 +124,57 @@ class Sample:
 # ----------------------------------------------------------------------------------------------
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     """Binary (H, W) mask -> compressed COCO RLE with ``counts`` as str (JSON-safe)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle = mask_utils.encode(np.asarray(mask, dtype=np.uint8, order="F"))  # no copy if already so
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def compressed_rle_runs(counts: bytes) -> np.ndarray:
+    """Run lengths of a compressed COCO RLE string (the inverse of pycocotools' ``rleToString``).
+
+    pycocotools decodes RLEs whose runs do not cover the mask without complaint (the uncovered
+    pixels are uninitialised memory), so :func:`decode_rle` checks the runs first.
+    """
+    c = np.frombuffer(counts, np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return c
+    if np.any((c < 0) | (c > 63)) or c[-1] & 0x20:
+        raise ValueError("invalid characters or truncated RLE string")
+    ends = np.flatnonzero((c & 0x20) == 0)  # each value is 5-bit digits, the last without the 0x20 flag
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    digit = np.arange(c.size) - np.repeat(starts, ends - starts + 1)
+    runs = np.add.reduceat((c & 0x1F) << (5 * digit), starts)
+    runs -= ((c[ends] & 0x10) != 0).astype(np.int64) << (5 * (ends - starts + 1))  # sign bit
+    # from the fourth run on, each is stored as a difference to the run two before it
+    runs[3::2] = runs[1] + np.cumsum(runs[3::2]) if runs.size > 3 else runs[3::2]
+    runs[4::2] = runs[2] + np.cumsum(runs[4::2]) if runs.size > 4 else runs[4::2]
+    return runs
+
+
+def checked_rle(rle: dict[str, Any]) -> dict[str, Any]:
+    """COCO RLE (compressed str/bytes or uncompressed list counts) -> pycocotools' compressed form.
+
+    Raises ``ValueError`` when the runs are negative or do not cover exactly H * W pixels.
+    """
+    h, w = (int(s) for s in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    runs = np.asarray(counts, dtype=np.int64) if isinstance(counts, list) else compressed_rle_runs(counts)
+    if (runs.size and runs.min() < 0) or runs.sum() != h * w:
+        raise ValueError(f"RLE runs cover {int(runs.sum())} pixels, expected {h} x {w} = {h * w}")
+    if isinstance(counts, list):
+        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    return {"size": [h, w], "counts": counts}
 
 
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     """COCO RLE (compressed str/bytes or uncompressed list counts) -> (H, W) bool mask."""
-    h, w = rle["size"]
-    counts = rle["counts"]
-    if isinstance(counts, list):
-        rle = mask_utils.frPyObjects(rle, h, w)
-    elif isinstance(counts, str):
-        rle = {"size": [h, w], "counts": counts.encode("ascii")}
-    return mask_utils.decode(rle).astype(bool)
+    return mask_utils.decode(checked_rle(rle)).astype(bool)
 
 
 def rle_bbox(rle: dict[str, Any]) -> list[float]:
     """Tight ``[x, y, w, h]`` box of an RLE mask (pycocotools convention; zeros for empty)."""
-    counts = rle["counts"]
-    compressed = {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return [float(v) for v in mask_utils.toBbox(compressed)]
+    return [float(v) for v in mask_utils.toBbox(checked_rle(rle))]
 
 
 def instance_from_mask(mask: np.ndarray) -> Instance:
@@ -226,28 +271,29 @@ def _validate_instance(inst: Any, hw: tuple[int, int], where: str, fail) -> None
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         fail("RLE must be an object with 'size' and 'counts'", f"{where}.rle")
     if [int(s) for s in rle["size"]] != list(hw):
-        fail(f"RLE size {list(rle['size'])} does not match image size [H, W] = {list(hw)}", f"{where}.rle.size")
-    try:
-        mask = decode_rle(rle)
+        fail(f"RLE size {list(rle['size'])} does not match image size [H, W] = {list(hw)}",
+             f"{where}.rle.size")
+    try:  # area and box come from the runs: no need to decode (H, W) pixels per instance
+        compressed = checked_rle(rle)
     except Exception as err:  # pycocotools raises bare Exceptions/ValueErrors on corrupt counts
         fail(f"RLE does not decode: {err}", f"{where}.rle.counts")
-    if mask.shape != hw:
-        fail(f"RLE decodes to {list(mask.shape)}, expected {list(hw)}", f"{where}.rle.counts")
-    if not mask.any():
+    if mask_utils.area(compressed) == 0:
         fail("mask is empty", f"{where}.rle")
     bbox = inst["bbox"]
-    if not (isinstance(bbox, list | tuple) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
+    numbers = isinstance(bbox, list | tuple) and all(isinstance(v, int | float) for v in bbox)
+    if not (numbers and len(bbox) == 4):
         fail(f"bbox must be [x, y, w, h], got {bbox!r}", f"{where}.bbox")
-    ys, xs = np.nonzero(mask)
-    tight = (xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min())
-    if max(abs(float(a) - float(b)) for a, b in zip(bbox, tight)) > BBOX_TOLERANCE_PX:
+    tight = mask_utils.toBbox(compressed)
+    if max(abs(float(a) - float(b)) for a, b in zip(bbox, tight, strict=True)) > BBOX_TOLERANCE_PX:
         fail(f"bbox {list(bbox)} disagrees with the mask's box {[int(v) for v in tight]}", f"{where}.bbox")
 
 
-def sample_from_wds(record: dict[str, Any], *, source: str | None = None, check_image: bool = False) -> Sample:
+def sample_from_wds(record: dict[str, Any], *, source: str | None = None,
+                    check_image: bool = False) -> Sample:
     """Rebuild a :class:`Sample` from a raw (undecoded) webdataset record and validate it."""
     key = record.get("__key__")
     source = source or record.get("__url__")
+    validate_key(key, source=source)
     formats = [ext for ext in IMAGE_EXTENSIONS if ext in record]
     if len(formats) != 1:
         raise SampleError(f"expected exactly one image field of {IMAGE_EXTENSIONS}, found {formats}",

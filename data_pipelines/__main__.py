@@ -1,0 +1,6 @@
+"""``python -m data_pipelines``: see :mod:`data_pipelines.cli`."""
+
+from data_pipelines.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""``python -m data_pipelines COMMAND ...``: converters, synthetic data, pseudo-labels, inspection.
+
+Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
+imported only when their command runs, so one command's heavy or broken imports never affect another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from data_pipelines.convert.common import InputError
+from data_pipelines.schema import SampleError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "coco": ("data_pipelines.convert.coco", "COCO or LVIS instance annotations + images -> shards"),
+    "saco": ("data_pipelines.convert.saco", "SAM3 SA-Co image-phrase annotations + images -> shards"),
+    "mask-folder": ("data_pipelines.convert.mask_folder",
+                    "images + semantic or instance-id PNG masks -> shards"),
+    "instance-folders": ("data_pipelines.convert.instance_folders",
+                         "images + a folder of binary masks per image (one file per instance) -> shards"),
+    "synthetic": ("data_pipelines.synthetic", "generate synthetic shards"),
+    "inspect": ("data_pipelines.inspect",
+                "validate shards against their manifest, print statistics, draw a grid"),
+}
+
+
+def load_command(name: str) -> ModuleType:
+    """Import the module of command ``name`` and check that it has ``add_arguments`` and ``run``."""
+    if name not in COMMANDS:
+        raise KeyError(f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and module_name.startswith(err.name):
+            raise ModuleNotFoundError(f"command {name!r} needs module {module_name}, which is not installed "
+                                      "in this checkout") from err
+        raise
+    missing = [f for f in ("add_arguments", "run") if not callable(getattr(module, f, None))]
+    if missing:
+        raise TypeError(f"command module {module_name} lacks {' and '.join(missing)}")
+    return module
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s own options are added (its module is imported)."""
+    parser = argparse.ArgumentParser(prog="python -m data_pipelines",
+                                     description="Build, generate and check sambridge WebDataset shards.")
+    parser.set_defaults(command_line=None)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        if name != command:
+            commands.add_parser(name, help=help_text, description=help_text)
+            continue
+        module = load_command(name)  # its docstring explains the command in full
+        sub = commands.add_parser(name, help=help_text, description=module.__doc__ or help_text,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code (2 for bad input, with a message naming the file)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
+    args.command_line = shlex.join(["python", "-m", "data_pipelines", *argv])
+    try:
+        return int(load_command(args.command).run(args))
+    except (InputError, SampleError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

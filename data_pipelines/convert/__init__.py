@@ -1,0 +1,1 @@
+"""Converters from public annotation formats to sambridge shards (one module per format)."""

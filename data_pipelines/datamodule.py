@@ -1,0 +1,235 @@
+"""``ShardDataModule``: WebDataset shards -> :class:`~data_pipelines.batch.GroundingBatch` for Lightning.
+
+In a LightningCLI config::
+
+    data:
+      class_path: data_pipelines.ShardDataModule
+      init_args:
+        train: shards/train            # or [shards/coco, shards/orchard] with train_weights + resampled
+        val: shards/val
+        image_size: 1024
+        batch_size: 8
+        num_workers: 8
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import webdataset as wds
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from data_pipelines.augment import AugmentConfig
+from data_pipelines.collate import QueryPolicy, SampleTransform, collate_samples
+from data_pipelines.pipeline import (
+    ErrorCounter,
+    ShardStream,
+    SharedEpoch,
+    StreamMode,
+    make_loader,
+    resolve_shards,
+)
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "val", "test", "predict"]
+STAGE_SPLITS: dict[str, tuple[Split, ...]] = {"fit": ("train", "val"), "validate": ("val",),
+                                               "test": ("test",), "predict": ("predict",)}
+
+
+class MissingSplitError(RuntimeError):
+    """A dataloader was requested for a split that has no source configured or was not set up."""
+
+
+class ShardDataModule(LightningDataModule):
+    """Batches of (image, noun phrase, instance masks) from WebDataset shards.
+
+    Training follows open_clip's WebDataset loader (see ``data_pipelines.pipeline``): shard order
+    seeded by (seed, epoch), split by rank then by worker, tolerant tar reading that counts and
+    reports bad samples, sample shuffle, transform, and batches collated inside the workers.
+    Every rank yields the same number of training batches per epoch, computed from the
+    manifests, world size, batch size and workers (:meth:`describe` prints it). Validation, test
+    and predict read every sample exactly once across ranks, so ranks may get different numbers
+    of batches: reduce metrics at epoch end (torchmetrics does), not with per-step ``sync_dist``.
+
+    Call :meth:`set_epoch` at the start of each training epoch (``sambridge`` task modules do):
+    shard order, shuffling and augmentation are seeded by (seed, epoch, rank, worker), and the
+    epoch lives in shared memory so persistent workers see it. :meth:`state_dict` records the
+    epoch and seed in checkpoints.
+
+    Args:
+        train: training shards: a shard directory (with manifest.json or sizes.json), a brace
+            pattern such as ``shards/train-{000000..000031}.tar``, a ``pipe:``/``http(s)://``
+            URL pattern, or a list of these (pooled, or mixed by ``train_weights``).
+        val: validation shards (same forms; several are concatenated).
+        test: test shards.
+        predict: shards to predict on.
+        train_weights: one sampling weight per ``train`` source to mix them (needs
+            ``resampled=True``); without it sources are pooled.
+        train_num_samples: samples per training epoch with ``resampled`` (default: the sources'
+            total); needed when the sources state no sizes (remote shards without sizes.json).
+        resampled: draw training shards with replacement, an endless stream cut into epochs of
+            ``train_num_samples``; otherwise each epoch reads every shard once.
+        batch_size: images per batch on each device.
+        eval_batch_size: images per batch for val/test/predict (default: ``batch_size``).
+        num_workers: DataLoader worker processes per device (0 loads in the main process, which
+            is slow: for debugging). Exact training epochs need a shard per rank and worker.
+        pin_memory: pin batches in page-locked memory (only when CUDA is available).
+        persistent_workers: keep workers alive between epochs.
+        seed: seed of shard order, shuffling, negative sampling and augmentation.
+        shuffle_buffer: samples in each training worker's shuffle buffer (0 = no sample shuffle).
+        image_size: side of the square canvas images are resized and padded to.
+        max_queries_per_image: at most this many phrases per image (positives kept first),
+            added negatives included.
+        negatives_per_image: extra absent phrases per training image, drawn from the vocabulary;
+            only for images whose queries are all exhaustive (such an image is taken to be
+            labelled for the whole vocabulary), never a phrase already asked.
+        vocabulary: text file with one phrase per line to draw negatives from (default: the
+            phrases of the training manifests).
+        hflip_prob: probability of a horizontal flip in training (skipped for images asked a
+            phrase containing "left" or "right").
+        scale_range: (min, max) random rescale in training; (1, 1) turns scale jitter off.
+        color_jitter: brightness/contrast/saturation jitter strength in training (0 = off).
+        min_instance_area: instances with fewer pixels on the canvas after augmentation are
+            dropped; a positive left without instances becomes a negative if exhaustive.
+    """
+
+    def __init__(self, train: str | list[str] | None = None, val: str | list[str] | None = None,
+                 test: str | list[str] | None = None, predict: str | list[str] | None = None,
+                 train_weights: list[float] | None = None, train_num_samples: int | None = None,
+                 resampled: bool = False, batch_size: int = 8, eval_batch_size: int | None = None,
+                 num_workers: int = 2, pin_memory: bool = True, persistent_workers: bool = True,
+                 seed: int = 0, shuffle_buffer: int = 1000, image_size: int = 1024,
+                 max_queries_per_image: int = 16, negatives_per_image: int = 2, vocabulary: str | None = None,
+                 hflip_prob: float = 0.5,
+                 scale_range: tuple[float, float] = (0.75, 1.25), color_jitter: float = 0.2,
+                 min_instance_area: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if train_weights is not None and not resampled:
+            raise ValueError("train_weights mix sources by sampling: set resampled=True (exact epochs read "
+                             "every shard once, so sources cannot be weighted)")
+        self.sources: dict[Split, str | list[str] | None] = {"train": train, "val": val, "test": test,
+                                                             "predict": predict}
+        self.train_weights, self.train_num_samples = train_weights, train_num_samples
+        self.resampled = resampled
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers = persistent_workers
+        self.seed, self.shuffle_buffer, self.image_size = seed, shuffle_buffer, image_size
+        self.max_queries_per_image, self.negatives_per_image = max_queries_per_image, negatives_per_image
+        self.vocabulary_file = vocabulary
+        self.augment = AugmentConfig(image_size=image_size, hflip_prob=hflip_prob,
+                                     scale_range=tuple(scale_range), color_jitter=color_jitter,
+                                     min_instance_area=min_instance_area)
+        self.epoch = 0
+        self.streams: dict[Split, ShardStream] = {}
+        self._shared_epoch: SharedEpoch | None = None  # created in setup: shared memory does not pickle
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the sources of the stage's splits and plan their epochs for this rank."""
+        rank, world_size = self._rank_and_world()
+        if self._shared_epoch is None:
+            self._shared_epoch = SharedEpoch(self.epoch)
+        splits = STAGE_SPLITS.get(stage, ("train", "val", "test", "predict")) if stage else \
+            ("train", "val", "test", "predict")
+        for split in splits:
+            if self.sources[split] is not None and split not in self.streams:
+                self.streams[split] = self._build_stream(split, rank, world_size)
+        if self.streams:
+            rank_zero_info(self.describe())
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # RANK/WORLD_SIZE or torch.distributed
+        return rank, world_size
+
+    def _build_stream(self, split: Split, rank: int, world_size: int) -> ShardStream:
+        train = split == "train"
+        shards = resolve_shards(self.sources[split], self.train_weights if train else None)
+        mode: StreamMode = ("resampled" if self.resampled else "exact") if train else "once"
+        policy = QueryPolicy(max_queries=self.max_queries_per_image,
+                             negatives_per_image=self.negatives_per_image if train else 0,
+                             vocabulary=self._vocabulary(shards.phrases) if train else ())
+        stream = ShardStream(shards, SampleTransform(policy, self.augment), collate_samples, mode=mode,
+                             batch_size=self.batch_size if train else self.eval_batch_size, rank=rank,
+                             world_size=world_size, num_workers=self.num_workers, seed=self.seed,
+                             epoch=self._shared_epoch, errors=ErrorCounter(split),
+                             shuffle_buffer=self.shuffle_buffer,
+                             num_samples=self.train_num_samples if train else None, name=split)
+        if not train and len(shards.urls) < world_size:
+            rank_zero_warn(f"{split}: {len(shards.urls)} shard(s) for {world_size} ranks: some ranks get no "
+                           f"{split} data; write at least one shard per rank")
+        return stream
+
+    def _vocabulary(self, manifest_phrases: tuple[str, ...]) -> tuple[str, ...]:
+        if self.negatives_per_image == 0:
+            return ()
+        if self.vocabulary_file is not None:
+            path = Path(self.vocabulary_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"vocabulary file {path} not found")
+            phrases = [line.strip() for line in path.read_text().splitlines()]
+            phrases = [p for p in phrases if p and not p.startswith("#")]
+        else:
+            phrases = list(manifest_phrases)
+        if not phrases:
+            empty_file = "" if self.vocabulary_file is None else " and the vocabulary file is empty"
+            raise ValueError(f"negatives_per_image={self.negatives_per_image} needs phrases to draw from: "
+                             f"the training sources have no manifest.json phrases{empty_file}; "
+                             "give vocabulary=FILE or set negatives_per_image=0")
+        return tuple(dict.fromkeys(phrases))
+
+    # ------------------------------------------------------------------ loaders
+    def _dataloader(self, split: Split) -> wds.WebLoader:
+        if split not in self.streams:
+            if self.sources[split] is None:
+                raise MissingSplitError(f"no {split} shards configured: set data.{split}")
+            raise MissingSplitError(f"{split} was not set up: call setup() for its stage first")
+        return make_loader(self.streams[split], pin_memory=self.pin_memory and torch.cuda.is_available(),
+                           persistent_workers=self.persistent_workers)
+
+    def train_dataloader(self) -> wds.WebLoader:
+        return self._dataloader("train")
+
+    def val_dataloader(self) -> wds.WebLoader | list:
+        """The validation loader, or no loader (validation skipped) when ``val`` is not configured."""
+        return self._dataloader("val") if self.sources["val"] is not None else []
+
+    def test_dataloader(self) -> wds.WebLoader:
+        return self._dataloader("test")
+
+    def predict_dataloader(self) -> wds.WebLoader:
+        return self._dataloader("predict")
+
+    # ------------------------------------------------------------------ epochs and state
+    def set_epoch(self, epoch: int) -> None:
+        """Set the training epoch; live DataLoader workers pick it up at their next epoch start."""
+        self.epoch = epoch
+        if self._shared_epoch is not None:
+            self._shared_epoch.set(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records to continue the data order: epoch and seed."""
+        return {"epoch": self.epoch, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the epoch; warns when the checkpoint's seed differs (the data order will too)."""
+        if state_dict.get("seed", self.seed) != self.seed:
+            rank_zero_warn(f"the checkpoint's data seed {state_dict['seed']} differs from seed={self.seed}: "
+                           "the resumed run sees a different data order")
+        self.set_epoch(int(state_dict.get("epoch", 0)))
+
+    def skipped(self) -> dict[str, int]:
+        """Bad samples skipped so far per split (summed over workers)."""
+        return {split: stream.errors.count for split, stream in self.streams.items()}
+
+    def describe(self) -> str:
+        """Shards, samples and batches per epoch of every split set up."""
+        return "\n".join(stream.describe() for stream in self.streams.values())

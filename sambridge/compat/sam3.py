@@ -1,0 +1,103 @@
+"""CPU compatibility shim for sam3 0.1.4.
+
+sam3 0.1.4 assumes a CUDA device in four places. Each patch below changes behaviour only where
+that assumption fails (no CUDA device, or CPU tensors); on a CUDA machine sam3 runs unchanged.
+Upstream fixed the first three after 0.1.4; drop the shim when the pin moves past it.
+
+1. ``PositionEmbeddingSine(precompute_resolution=...)`` fills its cache with tensors created on
+   ``device="cuda"``. Without CUDA the precomputation is skipped (the cache fills lazily).
+2. ``TransformerDecoder(resolution=..., stride=...)`` precomputes box-RPB coordinates on
+   ``device="cuda"``. Without CUDA they are computed lazily per feature size instead.
+3. ``SequenceGeometryEncoder._encode_boxes`` calls ``Tensor.pin_memory()``, which needs a CUDA
+   driver. Without CUDA pinning is a no-op for the duration of that call.
+4. ``sam3.train.loss.loss_fns.sigmoid_focal_loss`` defaults to a Triton kernel (used by the
+   ``Masks`` loss); on CPU tensors it falls back to sam3's own PyTorch implementation.
+
+Patches 1-2 only matter for ``sam3.model_builder``'s factories (sambridge's own head builder
+never passes those arguments). ``apply_sam3_compat()`` is idempotent and cheap; builders that
+need it call it, nothing is patched on import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+
+_MARK = "_sambridge_compat"
+
+
+def _mark(fn: Callable) -> Callable:
+    setattr(fn, _MARK, True)
+    return fn
+
+
+def _is_patched(fn: Callable) -> bool:
+    return getattr(fn, _MARK, False)
+
+
+def _drop_cuda_precompute(cls: type, **cpu_values: object) -> None:
+    """Wrap ``cls.__init__`` so that, without CUDA, ``cpu_values`` override the caller's kwargs."""
+    original = cls.__init__
+    if _is_patched(original):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        if not torch.cuda.is_available():
+            kwargs.update(cpu_values)
+        original(self, *args, **kwargs)
+
+    cls.__init__ = _mark(__init__)
+
+
+@contextlib.contextmanager
+def _pin_memory_disabled() -> Iterator[None]:
+    original = torch.Tensor.pin_memory
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.pin_memory = original
+
+
+def _skip_pin_memory_without_cuda(cls: type, method_name: str) -> None:
+    original = getattr(cls, method_name)
+    if _is_patched(original):
+        return
+
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        if torch.cuda.is_available():
+            return original(self, *args, **kwargs)
+        with _pin_memory_disabled():
+            return original(self, *args, **kwargs)
+
+    setattr(cls, method_name, _mark(method))
+
+
+def _focal_loss_triton_on_cuda_only(module) -> None:
+    original = module.sigmoid_focal_loss
+    if _is_patched(original):
+        return
+
+    @functools.wraps(original)
+    def sigmoid_focal_loss(inputs, targets, *args, triton: bool = True, **kwargs):
+        return original(inputs, targets, *args, triton=triton and inputs.is_cuda, **kwargs)
+
+    module.sigmoid_focal_loss = _mark(sigmoid_focal_loss)
+
+
+def apply_sam3_compat() -> None:
+    """Install the four patches described in the module docstring (idempotent)."""
+    import sam3.model.decoder as decoder
+    import sam3.model.geometry_encoders as geometry_encoders
+    import sam3.model.position_encoding as position_encoding
+    import sam3.train.loss.loss_fns as loss_fns
+
+    _drop_cuda_precompute(position_encoding.PositionEmbeddingSine, precompute_resolution=None)
+    _drop_cuda_precompute(decoder.TransformerDecoder, resolution=None, stride=None)
+    _skip_pin_memory_without_cuda(geometry_encoders.SequenceGeometryEncoder, "_encode_boxes")
+    _focal_loss_triton_on_cuda_only(loss_fns)

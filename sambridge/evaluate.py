@@ -1,0 +1,218 @@
+"""``sambridge evaluate``: SA-Co metrics (as SAM3 computes them), mask AP, IoU and counting error from files.
+
+    sambridge evaluate --gt GT.json [GT_b.json GT_c.json] --pred PRED.json [--out metrics.json]
+                       [--per-phrase per_phrase.csv] [--grid queries.png --image-root DIR]
+
+Ground truth is SA-Co JSON (one ``images`` entry per image-phrase pair), predictions a COCO results
+list (see :mod:`sambridge.metrics.saco`). Several ground-truth files (SA-Co/Gold ships three
+annotations of each query) give SAM3's oracle evaluation: per query, the version the predictions
+agree with best. cgF1/pmF1/IL_MCC equal ``sam3.eval.cgf1_eval.CGF1Evaluator`` on the same files;
+AP/AP50/AP75 equal pycocotools' COCOeval (``segm``, all sizes) on the first ground truth (SAM3 has
+no oracle AP; see :mod:`sambridge.metrics.ap` for how). Only instance-exhaustive queries are
+evaluated; the rest are counted as ``num_skipped``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from sambridge.metrics.ap import DEFAULT_MAX_DETS, average_precision
+from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD, IOU_THRESHOLDS, select_oracle, true_positives
+from sambridge.metrics.masks import rle_ious, rle_union_overlap
+from sambridge.metrics.queries import QueryMatch, QueryTable, match_query, stack_ap_records
+from sambridge.metrics.saco import SacoGroundTruth, gc_paused, load_ground_truth, load_predictions, write_json
+
+#: Metrics the printed summary shows, in order (the JSON has them all).
+HEADLINE = ("cgF1", "pmF1", "IL_MCC", "cgF1@0.5", "cgF1@0.75", "positive_macro_F1", "IL_F1", "AP", "AP50",
+            "AP75", "mIoU", "cIoU", "count_mae", "count_exact", "num_queries", "num_positive", "num_skipped")
+
+
+@dataclass
+class Evaluation:
+    """Everything one evaluation produced.
+
+    Attributes:
+        metrics: flat metric name -> value (cgF1 and pmF1 in percent, as SAM3 reports them).
+        queries: per-query statistics of the evaluated queries, in ground-truth order.
+        gt_version: (Q,) which ground-truth version each query was scored against (oracle).
+    """
+
+    metrics: dict[str, float]
+    queries: QueryTable
+    gt_version: np.ndarray
+
+    def per_phrase(self) -> list[dict[str, Any]]:
+        """Per-phrase rows (:meth:`sambridge.metrics.QueryTable.per_phrase`)."""
+        return self.queries.per_phrase()
+
+
+def _evaluation_ids(gts: Sequence[SacoGroundTruth]) -> list[int]:
+    """SAM3's rule: exhaustive in the first version and not marked non-exhaustive in any other."""
+    first = gts[0]
+    for other in gts[1:]:
+        if set(other.images) != set(first.images):
+            missing = sorted(set(first.images) ^ set(other.images))[:5]
+            raise ValueError(f"{other.source} and {first.source} describe different queries "
+                             f"(ids in one but not the other: {missing}...)")
+    excluded = {i for other in gts[1:] for i, img in other.images.items()
+                if not img["is_instance_exhaustive"]}
+    return [i for i in first.exhaustive_ids() if i not in excluded]
+
+
+def evaluate_saco(gts: SacoGroundTruth | Sequence[SacoGroundTruth], predictions: list[dict[str, Any]], *,
+                  score_threshold: float = DEFAULT_SCORE_THRESHOLD, max_dets: int = DEFAULT_MAX_DETS,
+                  progress: bool = False) -> Evaluation:
+    """Evaluate validated predictions against one or more validated ground-truth versions.
+
+    Args:
+        gts: the ground truth, or several versions of it (oracle evaluation).
+        predictions: validated COCO results (:func:`sambridge.metrics.saco.parse_predictions`).
+        score_threshold: predictions scoring at least this are detections (cgF1, IoU, counting).
+        max_dets: predictions per query (by score) that count for AP.
+        progress: show a progress bar.
+    """
+    gts = [gts] if isinstance(gts, SacoGroundTruth) else list(gts)
+    ids = _evaluation_ids(gts)
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for pred in predictions:
+        by_image[pred["image_id"]].append(pred)
+
+    versions, thresholds = len(gts), len(IOU_THRESHOLDS)
+    tp = np.zeros((versions, len(ids), thresholds), dtype=np.int64)
+    num_gt, inter, union = (np.zeros((versions, len(ids)), dtype=np.int64) for _ in range(3))
+    num_pred = np.zeros(len(ids), dtype=np.int64)
+    ap_records: list[QueryMatch] = []
+    for q, image_id in enumerate(tqdm(ids, desc="queries", disable=not progress)):
+        preds = by_image.get(image_id, [])
+        rles = [p["segmentation"] for p in preds]
+        scores = np.array([p["score"] for p in preds], dtype=np.float64)
+        match = match_query(rle_ious(rles, gts[0].instances[image_id]), scores,
+                            score_threshold=score_threshold, max_dets=max_dets,
+                            crowd_ious=rle_ious(rles, gts[0].crowds[image_id], crowd=True))
+        ap_records.append(match)
+        detections = [rles[i] for i in match.detections]
+        num_pred[q] = len(detections)
+        for v, gt in enumerate(gts):
+            instances = gt.instances[image_id]
+            tp[v, q] = match.tp if v == 0 else true_positives(rle_ious(detections, instances))
+            num_gt[v, q] = len(instances)
+            inter[v, q], union[v, q] = rle_union_overlap(detections, instances)
+
+    choice = select_oracle(list(tp), list(num_gt), num_pred) if versions > 1 else np.zeros(len(ids), np.int64)
+    rows = np.arange(len(ids))
+    table = QueryTable(phrases=[gts[0].images[i]["text_input"] for i in ids], image_ids=list(ids),
+                       tp=tp[choice, rows], num_gt=num_gt[choice, rows], num_pred=num_pred,
+                       inter=inter[choice, rows], union=union[choice, rows])
+    metrics = table.metrics()
+    in_coco_order = [ap_records[i] for i in np.argsort(ids, kind="stable")]  # COCOeval sorts image ids
+    metrics.update(average_precision(*stack_ap_records(in_coco_order), num_gt=int(num_gt[0].sum()),
+                                     max_dets=max_dets))
+    metrics["num_skipped"] = float(len(gts[0].images) - len(ids))
+    return Evaluation(metrics=metrics, queries=table, gt_version=choice)
+
+
+def evaluate_files(gt_path: str | Path | Sequence[str | Path], pred_path: str | Path, *,
+                   score_threshold: float = DEFAULT_SCORE_THRESHOLD, max_dets: int = DEFAULT_MAX_DETS,
+                   progress: bool = False) -> dict[str, float]:
+    """Metrics of an SA-Co ground-truth file (or several versions) and a COCO results file.
+
+    Args:
+        gt_path: SA-Co ground-truth JSON, or a list of versions of it (oracle evaluation).
+        pred_path: COCO results JSON.
+        score_threshold: predictions scoring at least this are detections (SAM3: 0.5).
+        max_dets: detections per query that count for AP (COCO: 100).
+        progress: show a progress bar.
+    """
+    return load_and_evaluate(gt_path, pred_path, score_threshold=score_threshold, max_dets=max_dets,
+                             progress=progress)[0].metrics
+
+
+def load_and_evaluate(
+        gt_path: str | Path | Sequence[str | Path], pred_path: str | Path, *,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD, max_dets: int = DEFAULT_MAX_DETS,
+        progress: bool = False) -> tuple[Evaluation, list[SacoGroundTruth], list[dict[str, Any]]]:
+    """Load, validate and evaluate files; also returns the loaded ground truths and predictions."""
+    paths = [gt_path] if isinstance(gt_path, str | Path) else list(gt_path)
+    if not paths:
+        raise ValueError("at least one ground-truth file is needed")
+    with gc_paused():
+        gts = [load_ground_truth(p) for p in paths]
+        predictions = load_predictions(pred_path, gts[0])
+        evaluation = evaluate_saco(gts, predictions, score_threshold=score_threshold, max_dets=max_dets,
+                                   progress=progress)
+    return evaluation, gts, predictions
+
+
+def format_metrics(metrics: dict[str, float], keys: Sequence[str] = HEADLINE) -> str:
+    """A two-column text table of ``keys`` (those present)."""
+    rows = [(k, metrics[k]) for k in keys if k in metrics]
+    width = max((len(k) for k, _ in rows), default=6)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
+    lines += [f"{k:<{width}}  {int(v) if k.startswith('num_') else round(v, 4)}" for k, v in rows]
+    lines.append("(cgF1 and pmF1 in percent, as SAM3 reports them; the rest are fractions or counts)")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sambridge evaluate",
+        description="SA-Co metrics (cgF1, pmF1, IL_MCC as SAM3 computes them), mask AP, IoU and counting "
+                    "error of COCO-format predictions against SA-Co ground truth.")
+    parser.add_argument("--gt", nargs="+", required=True, metavar="GT.json",
+                        help="SA-Co ground truth; several files = versions of it (SAM3's oracle evaluation)")
+    parser.add_argument("--pred", required=True, metavar="PRED.json", help="COCO results list")
+    parser.add_argument("--out", metavar="metrics.json", help="write all metrics and settings as JSON")
+    parser.add_argument("--per-phrase", metavar="per_phrase.csv",
+                        help="write the per-phrase table as CSV, and as Markdown next to it (.md)")
+    parser.add_argument("--grid", metavar="queries.png", help="write a PNG of the best and worst queries")
+    parser.add_argument("--image-root", metavar="DIR",
+                        help="folder the ground truth's file_name paths are in (needed by --grid)")
+    parser.add_argument("--grid-queries", type=int, default=4, metavar="K",
+                        help="best and worst queries to show in --grid (default 4 each)")
+    parser.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
+                        help="predictions scoring at least this are detections (default 0.5, as SAM3)")
+    parser.add_argument("--max-dets", type=int, default=DEFAULT_MAX_DETS,
+                        help="detections per query that count for AP (default 100, as COCO)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sambridge evaluate``; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.grid and not args.image_root:
+        parser.error("--grid needs --image-root")
+    evaluation, gts, predictions = load_and_evaluate(args.gt, args.pred, score_threshold=args.score_threshold,
+                                                     max_dets=args.max_dets, progress=True)
+    print(format_metrics(evaluation.metrics))
+    if args.out:
+        write_json(args.out, {"metrics": evaluation.metrics, "gt": [str(p) for p in args.gt],
+                              "pred": str(args.pred), "score_threshold": args.score_threshold,
+                              "max_dets": args.max_dets})
+        print(f"metrics written to {args.out}")
+    if args.per_phrase:
+        from sambridge.report import write_phrase_table
+
+        markdown = Path(args.per_phrase).with_suffix(".md")
+        write_phrase_table(evaluation.per_phrase(), args.per_phrase, markdown)
+        print(f"per-phrase table written to {args.per_phrase} and {markdown}")
+    if args.grid:
+        from sambridge.report import saco_query_grid, save_figure
+
+        figure = saco_query_grid(evaluation, gts, predictions, image_root=args.image_root,
+                                 num_queries=args.grid_queries, score_threshold=args.score_threshold)
+        save_figure(figure, args.grid)
+        print(f"best/worst queries written to {args.grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""Training losses."""
+
+from sambridge.losses.grounding import GroundingLoss
+
+__all__ = ["GroundingLoss"]

@@ -1,0 +1,250 @@
+"""Grounding loss: SAM3's detector recipe plus SAM2's mask-decoder recipe on the refined boxes.
+
+Detector terms come from sam3's own loss classes (``Sam3LossWrapper`` with ``Boxes``,
+``IABCEMdetr`` and ``Masks``; one-to-one matching from the model, one-to-many matching here),
+applied to the final and every auxiliary decoder output. Two deliberate departures, both about
+queries that are not exhaustively annotated:
+
+* ``IABCEMdetr(weak_loss=True)``: unmatched predictions of a non-exhaustive query are not pushed
+  towards "background" (sam3's ``is_exhaustive`` handling); for exhaustive queries it equals
+  sam3's default (``weak_loss=False``) up to the 1e-6 in its denominator.
+* The presence loss (sam3's focal form, alpha 0.5, gamma 0) is computed here so that a
+  non-exhaustive query without instances (nothing known) is left out; exhaustive negatives train
+  the presence head towards "absent", queries with instances towards "present".
+
+SAM2 terms supervise the mask decoder prompted with each matched query's predicted box (focal,
+dice, IoU-prediction L1, object score; with several masks per box only the lowest focal+dice
+mask gets focal and dice), using sam3's implementations of those functions.
+
+Term names follow sam3: ``loss_bbox``, ``loss_giou``, ``loss_ce``, ``presence_loss``, ``loss_mask``,
+``loss_dice``, with ``_aux_<i>`` for decoder layer i and ``_o2m`` for the one-to-many queries (as
+in sam3, ``_o2m`` terms come already multiplied by the ``o2m`` weight); SAM2's are ``refine_loss_mask``,
+``refine_loss_dice``, ``refine_loss_iou`` and ``refine_loss_class``. ``loss`` is the weighted total.
+
+Usage::
+
+    out = model(images, phrases, query_image, targets=batch)   # matching happens in the forward
+    losses = loss_fn(out, batch)                               # {"loss": total, every term by name}
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sam3.train.loss import loss_fns
+from sam3.train.loss.sam3_loss import Sam3LossWrapper
+from sam3.train.matcher import BinaryOneToManyMatcher
+from torch import Tensor, nn
+
+from data_pipelines.batch import GroundingBatch
+from sambridge.compat import apply_sam3_compat
+from sambridge.models.matching import hungarian_matcher, to_sam3_targets
+
+_METRIC_PREFIXES = ("ce_f1", "presence_dec_acc", "presence_loss")
+"""sam3 outputs that are metrics (or, for presence, replaced by this module's own term)."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _without_presence(out: dict) -> dict:
+    """Shallow copy of the outputs without presence logits (this module computes that term)."""
+    copy = {k: v for k, v in out.items() if k != "presence_logit_dec"}
+    if "aux_outputs" in out:
+        copy["aux_outputs"] = [
+            {k: v for k, v in aux.items() if k != "presence_logit_dec"} for aux in out["aux_outputs"]
+        ]
+    return copy
+
+
+class GroundingLoss(nn.Module):
+    """Loss for ``GroundedSAM2`` outputs against a ``GroundingBatch``.
+
+    Args:
+        box_l1: Weight of the L1 loss on matched normalised cxcywh boxes.
+        box_giou: Weight of the generalised-IoU loss on matched boxes.
+        score: Weight of the IoU-aware BCE (IABCE) on query scores.
+        presence: Weight of the presence (is the phrase in the image?) loss.
+        mask_focal: Weight of the focal loss on the head's matched masks.
+        mask_dice: Weight of the dice loss on the head's matched masks.
+        score_pos_weight: IABCE weight of matched (positive) queries.
+        score_alpha: IABCE exponent mixing score and IoU into the soft positive target.
+        score_gamma: IABCE focusing exponent on negatives.
+        presence_alpha: Focal alpha of the presence loss.
+        presence_gamma: Focal gamma of the presence loss.
+        mask_focal_alpha: Focal alpha of the head's mask loss.
+        mask_focal_gamma: Focal gamma of the head's mask loss.
+        o2m: Multiplier of the losses on the one-to-many (DAC) queries.
+        o2m_alpha: One-to-many matcher: weight of the score against the IoU.
+        o2m_threshold: One-to-many matcher: minimum matching quality.
+        o2m_topk: One-to-many matcher: predictions per ground-truth instance at most.
+        refine_focal: Weight of SAM2's focal loss on the refined masks.
+        refine_dice: Weight of SAM2's dice loss on the refined masks.
+        refine_iou: Weight of SAM2's L1 loss on its predicted mask IoU.
+        refine_object_score: Weight of SAM2's object-score loss.
+        refine_supervise_all_iou: With several masks per box, supervise every IoU prediction.
+    """
+
+    def __init__(
+        self,
+        box_l1: float = 5.0,
+        box_giou: float = 2.0,
+        score: float = 20.0,
+        presence: float = 20.0,
+        mask_focal: float = 200.0,
+        mask_dice: float = 10.0,
+        score_pos_weight: float = 10.0,
+        score_alpha: float = 0.25,
+        score_gamma: float = 2.0,
+        presence_alpha: float = 0.5,
+        presence_gamma: float = 0.0,
+        mask_focal_alpha: float = 0.25,
+        mask_focal_gamma: float = 2.0,
+        o2m: float = 2.0,
+        o2m_alpha: float = 0.3,
+        o2m_threshold: float = 0.4,
+        o2m_topk: int = 4,
+        refine_focal: float = 20.0,
+        refine_dice: float = 1.0,
+        refine_iou: float = 1.0,
+        refine_object_score: float = 1.0,
+        refine_supervise_all_iou: bool = True,
+    ) -> None:
+        super().__init__()
+        apply_sam3_compat()  # sam3's Masks loss defaults to a CUDA-only Triton kernel
+        self.presence_weight = presence
+        self.presence_alpha = presence_alpha
+        self.presence_gamma = presence_gamma
+        self.mask_focal_alpha = mask_focal_alpha
+        self.mask_focal_gamma = mask_focal_gamma
+        self.refine_weights = {
+            "refine_loss_mask": refine_focal,
+            "refine_loss_dice": refine_dice,
+            "refine_loss_iou": refine_iou,
+            "refine_loss_class": refine_object_score,
+        }
+        self.refine_supervise_all_iou = refine_supervise_all_iou
+        self.detector_loss = Sam3LossWrapper(
+            loss_fns_find=[
+                loss_fns.Boxes(weight_dict={"loss_bbox": box_l1, "loss_giou": box_giou}),
+                loss_fns.IABCEMdetr(
+                    pos_weight=score_pos_weight,
+                    weight_dict={"loss_ce": score},
+                    weak_loss=True,
+                    alpha=score_alpha,
+                    gamma=score_gamma,
+                    use_presence=True,
+                    pos_focal=False,
+                ),
+                loss_fns.Masks(
+                    weight_dict={"loss_mask": mask_focal, "loss_dice": mask_dice},
+                    focal_alpha=mask_focal_alpha,
+                    focal_gamma=mask_focal_gamma,
+                    compute_aux=False,
+                ),
+            ],
+            normalization="local",
+            matcher=hungarian_matcher(),  # sam3 uses the one-to-one matcher on auxiliary o2m outputs
+            o2m_matcher=BinaryOneToManyMatcher(alpha=o2m_alpha, threshold=o2m_threshold, topk=o2m_topk),
+            o2m_weight=o2m,
+            use_o2m_matcher_on_o2m_aux=False,
+        )
+
+    def _normaliser(self, count: int | Tensor, device: torch.device) -> Tensor:
+        """Count averaged over ranks when distributed, at least 1 (sam3's/SAM2's normalisation)."""
+        count = torch.as_tensor(count, dtype=torch.float32, device=device)
+        if _distributed():
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
+        return count.clamp(min=1.0)
+
+    def forward(self, outputs: dict, batch: GroundingBatch) -> dict[str, Tensor]:
+        """Every loss term by name plus their weighted sum under ``"loss"``.
+
+        Args:
+            outputs: ``GroundedSAM2`` outputs of a forward called with ``targets=batch``.
+            batch: The same batch.
+        """
+        if "indices" not in outputs:
+            raise ValueError(
+                "outputs carry no matching: call model(images, phrases, query_image, targets=batch)"
+            )
+        device = outputs["pred_logits"].device
+        targets = to_sam3_targets(batch, mask_size=tuple(outputs["pred_masks"].shape[-2:]), device=device)
+        self.detector_loss.normalization = "global" if _distributed() else "local"
+        sam3_terms = self.detector_loss.compute_loss(_without_presence(outputs), targets)
+        total = sam3_terms.pop(loss_fns.CORE_LOSS_KEY)
+        terms = {k: v for k, v in sam3_terms.items() if not k.startswith(_METRIC_PREFIXES)}
+        aux = [(f"_aux_{i}", out) for i, out in enumerate(outputs.get("aux_outputs", []))]
+        for suffix, out in [("", outputs), *aux]:
+            if "presence_logit_dec" in out:
+                terms[f"presence_loss{suffix}"] = self._presence(out["presence_logit_dec"], targets)
+                total = total + self.presence_weight * terms[f"presence_loss{suffix}"]
+        if "refine" in outputs:
+            refine_terms = self._refine(outputs["refine"], targets["masks"])
+            terms.update(refine_terms)
+            total = total + sum(self.refine_weights[k] * v for k, v in refine_terms.items())
+        return {"loss": total, **terms}
+
+    def _presence(self, logits: Tensor, targets: dict) -> Tensor:
+        """Focal presence loss over queries whose presence is known (positive, or exhaustive negative)."""
+        visible = (
+            (targets["object_ids_padded"] >= 0)
+            & (targets["boxes_padded"][..., 2] > 0)
+            & (targets["boxes_padded"][..., 3] > 0)
+        )
+        present = visible.any(1)
+        known = present | targets["is_exhaustive"]
+        logits = logits.view(-1)[known][:, None]
+        return loss_fns.sigmoid_focal_loss(
+            logits,
+            present[known][:, None].float(),
+            num_boxes=self._normaliser(int(known.sum()), logits.device),
+            alpha=self.presence_alpha,
+            gamma=self.presence_gamma,
+            triton=False,
+        )
+
+    def _refine(self, refine: dict[str, Tensor], masks: Tensor) -> dict[str, Tensor]:
+        """SAM2's ``MultiStepMultiMasksAndIous`` recipe (one step) on the box-prompted masks."""
+        logits, iou_pred = refine["mask_logits"], refine["iou_predictions"]
+        target = masks[refine["target_index"]][:, None]
+        if target.shape[-2:] != logits.shape[-2:]:
+            target = F.interpolate(target, size=logits.shape[-2:], mode="bilinear") >= 0.5
+        target = target.to(logits.dtype).expand_as(logits)
+        num = self._normaliser(len(logits), logits.device)
+        focal = loss_fns.sigmoid_focal_loss(
+            logits,
+            target,
+            num,
+            alpha=self.mask_focal_alpha,
+            gamma=self.mask_focal_gamma,
+            loss_on_multimask=True,
+            triton=False,
+        )
+        dice = loss_fns.dice_loss(logits, target, num, loss_on_multimask=True)
+        iou = loss_fns.iou_loss(logits, target, iou_pred, num, loss_on_multimask=True, use_l1_loss=True)
+        has_object = target[:, 0].flatten(1).any(1, keepdim=True).to(logits.dtype)
+        object_loss = loss_fns.sigmoid_focal_loss(
+            refine["object_score_logits"], has_object, num, alpha=-1, gamma=0.0, triton=False
+        )
+        if logits.shape[1] > 1:  # several candidate masks: only the best one learns the shape
+            best = torch.argmin(
+                focal * self.refine_weights["refine_loss_mask"]
+                + dice * self.refine_weights["refine_loss_dice"],
+                dim=1,
+            )
+            rows = torch.arange(len(best), device=best.device)
+            iou = iou.mean(1) if self.refine_supervise_all_iou else iou[rows, best]
+            focal, dice = focal[rows, best], dice[rows, best]
+        else:
+            focal, dice, iou = focal[:, 0], dice[:, 0], iou[:, 0]
+        weight = has_object[:, 0]  # shape losses only where the object is visible at this resolution
+        return {
+            "refine_loss_mask": (focal * weight).sum(),
+            "refine_loss_dice": (dice * weight).sum(),
+            "refine_loss_iou": (iou * weight).sum(),
+            "refine_loss_class": object_loss,
+        }

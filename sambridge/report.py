@@ -1,0 +1,221 @@
+"""Evaluation reports: the per-phrase table (CSV and Markdown) and a PNG grid of the best and worst queries.
+
+The grid shows one query per row (image, ground-truth overlay, prediction overlay), best queries
+first, then the worst, ranked by :meth:`sambridge.metrics.QueryTable.quality`. Figures are built
+with matplotlib's object API on the Agg canvas (no pyplot, no GUI, no global backend switch) and
+can be logged to a Lightning ``WandbLogger`` or ``TensorBoardLogger``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD
+from sambridge.metrics.saco import SacoGroundTruth, atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from sambridge.evaluate import Evaluation
+
+#: Columns of the per-phrase table (:meth:`sambridge.metrics.QueryTable.per_phrase`), in order.
+PHRASE_COLUMNS = ("phrase", "queries", "positives", "gt", "pred", "F1", "F1@0.5", "IL_accuracy", "mIoU",
+                  "count_mae")
+
+
+# ----------------------------------------------------------------------------------------------
+# per-phrase table
+# ----------------------------------------------------------------------------------------------
+def _cell(value: Any, digits: int | None = None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and digits is not None:
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def phrase_table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The per-phrase rows as CSV text (empty cells where a value is undefined)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PHRASE_COLUMNS)
+    writer.writerows([_cell(row[c]) for c in PHRASE_COLUMNS] for row in rows)
+    return buffer.getvalue()
+
+
+def phrase_table_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
+    """The per-phrase rows as a Markdown table (``|`` in phrases escaped)."""
+    lines = ["| " + " | ".join(PHRASE_COLUMNS) + " |",
+             "|" + "|".join(":---" if c == "phrase" else "---:" for c in PHRASE_COLUMNS) + "|"]
+    for row in rows:
+        cells = [_cell(row[c], digits).replace("|", "\\|") for c in PHRASE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_phrase_table(rows: Sequence[Mapping[str, Any]], csv_path: str | Path,
+                       markdown_path: str | Path | None = None) -> None:
+    """Write the per-phrase rows as CSV and, optionally, Markdown (atomic writes)."""
+    atomic_write(csv_path, phrase_table_csv(rows))
+    if markdown_path is not None:
+        atomic_write(markdown_path, phrase_table_markdown(rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# best / worst query grid
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class QueryView:
+    """What the grid draws for one query.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB.
+        phrase: the noun phrase.
+        gt_masks: (N, H, W) bool ground-truth instances.
+        pred_masks: (K, H, W) bool predictions (those above the score threshold).
+        caption: a line under the phrase, e.g. the query's F1 and IoU.
+    """
+
+    image: np.ndarray
+    phrase: str
+    gt_masks: np.ndarray
+    pred_masks: np.ndarray
+    caption: str = ""
+
+
+def rank_queries(quality: np.ndarray, k: int) -> tuple[list[int], list[int]]:
+    """Indices of the ``k`` best queries (best first) and the ``k`` worst (worst first), disjoint."""
+    order = np.argsort(-np.asarray(quality, dtype=np.float64), kind="stable")
+    k = min(k, len(order) // 2 if len(order) > 1 else len(order))
+    best = order[:k].tolist()
+    worst = order[::-1][:k].tolist() if len(order) > 1 else []
+    return best, worst
+
+
+def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``image`` with each mask blended in its own colour (tab20)."""
+    from matplotlib import colormaps
+
+    palette = np.asarray(colormaps["tab20"].colors, dtype=np.float32) * 255
+    out = image.astype(np.float32)
+    for i, mask in enumerate(masks):
+        out[mask] = (1 - alpha) * out[mask] + alpha * palette[i % len(palette)]
+    return out.round().astype(np.uint8)
+
+
+def query_grid_figure(best: Sequence[QueryView], worst: Sequence[QueryView],
+                      panel_inches: float = 2.6) -> Figure:
+    """A figure with one row per query (best, then worst): image | ground truth | prediction."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [("best", i + 1, v) for i, v in enumerate(best)]
+    rows += [("worst", i + 1, v) for i, v in enumerate(worst)]
+    figure = Figure(figsize=(3 * panel_inches, max(1, len(rows)) * panel_inches), dpi=100)
+    FigureCanvasAgg(figure)
+    if not rows:
+        figure.text(0.5, 0.5, "no queries to show", ha="center", va="center")
+        return figure
+    axes = figure.subplots(len(rows), 3, squeeze=False)
+    for r, (group, rank, view) in enumerate(rows):
+        panels = (view.image, overlay(view.image, view.gt_masks), overlay(view.image, view.pred_masks))
+        titles = (f"{group} {rank}: {view.phrase!r}\n{view.caption}", f"ground truth ({len(view.gt_masks)})",
+                  f"prediction ({len(view.pred_masks)})")
+        for ax, panel, title in zip(axes[r], panels, titles, strict=True):
+            ax.imshow(panel)
+            ax.set_title(title, fontsize=7)
+            ax.set_axis_off()
+    figure.tight_layout()
+    return figure
+
+
+def figure_png(figure: Figure) -> bytes:
+    """The figure rendered as PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def save_figure(figure: Figure, path: str | Path) -> None:
+    """Write the figure as a PNG file (atomically)."""
+    atomic_write(path, figure_png(figure))
+
+
+def figure_array(figure: Figure) -> np.ndarray:
+    """The figure rendered as an (H, W, 3) uint8 RGB array."""
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
+def log_figure(logger: Any, figure: Figure, key: str, step: int | None = None) -> bool:
+    """Log the figure as an image to a Lightning ``WandbLogger`` or ``TensorBoardLogger``.
+
+    Returns False (and logs nothing) for other loggers. wandb itself is only imported by the
+    logger; run it offline with ``WandbLogger(offline=True)`` or ``WANDB_MODE=offline``.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[figure_array(figure)], step=step)
+        return True
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(key, figure_array(figure), global_step=step, dataformats="HWC")
+        return True
+    return False
+
+
+def _decode(rles: Sequence[dict[str, Any]], height: int, width: int) -> np.ndarray:
+    if not rles:
+        return np.zeros((0, height, width), dtype=bool)
+    return np.moveaxis(mask_utils.decode(list(rles)), -1, 0).astype(bool)
+
+
+def saco_query_grid(evaluation: Evaluation, gts: Sequence[SacoGroundTruth],
+                    predictions: Sequence[dict[str, Any]], image_root: str | Path, num_queries: int = 4,
+                    score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> Figure:
+    """The best/worst grid of a file evaluation, images read from ``image_root / file_name``.
+
+    Args:
+        evaluation: the result of :func:`sambridge.evaluate.evaluate_saco`.
+        gts: the ground-truth versions it was evaluated against.
+        predictions: the predictions it evaluated.
+        image_root: folder the ground truth's ``file_name`` paths are relative to.
+        num_queries: best and worst queries to show (each).
+        score_threshold: predictions drawn are those scoring at least this.
+    """
+    table = evaluation.queries
+    quality, iou = table.quality(), table.iou()
+    best, worst = rank_queries(quality, num_queries)
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for pred in predictions:
+        if pred["score"] >= score_threshold:
+            by_image.setdefault(pred["image_id"], []).append(pred["segmentation"])
+
+    def view(q: int) -> QueryView:
+        image_id = table.image_ids[q]
+        entry = gts[0].images[image_id]
+        path = Path(image_root) / entry.get("file_name", "")
+        if not path.is_file():
+            raise FileNotFoundError(f"query {image_id} ({entry['text_input']!r}): image {path} not found "
+                                    f"(file_name {entry.get('file_name')!r} under {image_root})")
+        with Image.open(path) as img:
+            image = np.asarray(img.convert("RGB"))
+        h, w = entry["height"], entry["width"]
+        if image.shape[:2] != (h, w):
+            raise ValueError(f"query {image_id}: image {path} is {image.shape[1]}x{image.shape[0]} but the "
+                             f"ground truth says {w}x{h}")
+        return QueryView(image=image, phrase=entry["text_input"],
+                         gt_masks=_decode(gts[evaluation.gt_version[q]].instances[image_id], h, w),
+                         pred_masks=_decode(by_image.get(image_id, []), h, w),
+                         caption=f"F1 {quality[q]:.2f}  IoU {iou[q]:.2f}  (id {image_id})")
+
+    return query_grid_figure([view(q) for q in best], [view(q) for q in worst])

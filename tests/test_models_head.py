@@ -1,0 +1,187 @@
+"""Grounding head = sam3's detector head: same modules as sam3.model_builder, SAM3-checkpoint init."""
+
+import pytest
+import sam3.model.decoder
+import sam3.model.position_encoding
+import torch
+from sam3.model.necks import Sam3DualViTDetNeck
+from sam3.model.position_encoding import PositionEmbeddingSine
+from sam3.model.sam3_image import Sam3Image
+from sam3.model.text_encoder_ve import VETextEncoder
+from sam3.model.tokenizer_ve import SimpleTokenizer
+from sam3.model.vitdet import ViT
+from sam3.model.vl_combiner import SAM3VLBackbone
+from sam3.train.matcher import BinaryHungarianMatcherV2
+
+from sambridge.compat import apply_sam3_compat
+from sambridge.models import TINY_HEAD, CheckpointError, HeadConfig
+from sambridge.models.grounding_head import (
+    HEAD_MODULES,
+    build_dot_product_scoring,
+    build_geometry_encoder,
+    build_segmentation_head,
+    build_transformer,
+    head_state_dict,
+)
+from sambridge.models.matching import FiniteCostMatcher
+
+
+def test_compat_shim_is_idempotent():
+    apply_sam3_compat()
+    patched = (
+        sam3.model.decoder.TransformerDecoder.__init__,
+        sam3.model.position_encoding.PositionEmbeddingSine.__init__,
+    )
+    apply_sam3_compat()
+    assert patched == (
+        sam3.model.decoder.TransformerDecoder.__init__,
+        sam3.model.position_encoding.PositionEmbeddingSine.__init__,
+    )
+
+
+def test_default_head_equals_sam3_model_builder():
+    apply_sam3_compat()  # model_builder's factories precompute caches on CUDA otherwise
+    import sam3.model_builder as mb
+
+    reference = {
+        "transformer": mb._create_sam3_transformer(),
+        "dot_prod_scoring": mb._create_dot_product_scoring(),
+        "segmentation_head": mb._create_segmentation_head(),
+        "geometry_encoder": mb._create_geometry_encoder(),
+    }
+    cfg = HeadConfig()
+    ours = {
+        "transformer": build_transformer(cfg),
+        "dot_prod_scoring": build_dot_product_scoring(cfg),
+        "segmentation_head": build_segmentation_head(cfg),
+        "geometry_encoder": build_geometry_encoder(cfg),
+    }
+    total = 0
+    for name in HEAD_MODULES:
+        shapes = {k: tuple(v.shape) for k, v in ours[name].state_dict().items()}
+        assert shapes == {k: tuple(v.shape) for k, v in reference[name].state_dict().items()}, name
+        count = sum(p.numel() for p in ours[name].parameters())
+        assert count == sum(p.numel() for p in reference[name].parameters())
+        total += count
+    assert total == 32_745_270
+    assert ours["transformer"].decoder.num_queries == reference["transformer"].decoder.num_queries == 200
+
+
+def tiny_sam3_image() -> Sam3Image:
+    """A tiny SAM3 image model (ViT backbone, SAM3 text encoder) built from the sam3 classes."""
+    import open_clip
+
+    apply_sam3_compat()
+    torch.manual_seed(7)
+    d, bpe = TINY_HEAD.d_model, open_clip.tokenizer.default_bpe()
+    vit = ViT(
+        img_size=56,
+        pretrain_img_size=56,
+        patch_size=14,
+        embed_dim=48,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        qkv_bias=True,
+        use_abs_pos=True,
+        tile_abs_pos=True,
+        global_att_blocks=(1,),
+        rel_pos_blocks=(),
+        use_rope=True,
+        use_interp_rope=True,
+        window_size=4,
+        pretrain_use_cls_token=True,
+        retain_cls_token=False,
+        ln_pre=True,
+        ln_post=False,
+        return_interm_layers=False,
+        bias_patch_embed=False,
+        use_act_checkpoint=False,
+    )
+    neck = Sam3DualViTDetNeck(
+        position_encoding=PositionEmbeddingSine(num_pos_feats=d, normalize=True),
+        d_model=d,
+        scale_factors=[4.0, 2.0, 1.0, 0.5],
+        trunk=vit,
+        add_sam2_neck=False,
+    )
+    text = VETextEncoder(tokenizer=SimpleTokenizer(bpe_path=bpe), d_model=d, width=32, heads=2, layers=1)
+    return Sam3Image(
+        backbone=SAM3VLBackbone(visual=neck, text=text, scalp=1),
+        transformer=build_transformer(TINY_HEAD),
+        input_geometry_encoder=build_geometry_encoder(TINY_HEAD),
+        segmentation_head=build_segmentation_head(TINY_HEAD),
+        num_feature_levels=1,
+        o2m_mask_predict=True,
+        dot_prod_scoring=build_dot_product_scoring(TINY_HEAD),
+        use_instance_query=False,
+        multimask_output=True,
+        inst_interactive_predictor=None,
+    )
+
+
+@pytest.fixture(scope="module")
+def sam3_state():
+    """sam3.pt layout: detector.* (backbone + head) and tracker.* entries under "model"."""
+    state = {f"detector.{k}": v for k, v in tiny_sam3_image().state_dict().items()}
+    state["tracker.maskmem_tpos_enc"] = torch.zeros(7, 1, 1, 64)
+    return state
+
+
+def _save(path, state):
+    torch.save({"model": state}, path)
+    return path
+
+
+def test_sam3_checkpoint_initialises_the_head(tmp_path, sam3_state, tiny_grounded_sam2):
+    path = _save(tmp_path / "sam3.pt", sam3_state)
+    model = tiny_grounded_sam2(seed=1, sam3_checkpoint=path)
+    loaded = head_state_dict(model.detector)
+    assert loaded and all(torch.equal(v, sam3_state[f"detector.{k}"]) for k, v in loaded.items())
+    untouched = tiny_grounded_sam2(seed=1)  # the backbone is not taken from the SAM3 file
+    for k, v in untouched.vision.state_dict().items():
+        assert torch.equal(v, model.vision.state_dict()[k])
+
+
+def test_sam3_checkpoint_with_missing_or_extra_head_keys_is_refused(tmp_path, sam3_state, tiny_grounded_sam2):
+    missing = dict(sam3_state)
+    del missing["detector.transformer.decoder.presence_token.weight"]
+    with pytest.raises(
+        CheckpointError, match="missing keys \\(1\\): transformer.decoder.presence_token.weight"
+    ):
+        tiny_grounded_sam2(sam3_checkpoint=_save(tmp_path / "missing.pt", missing))
+    extra = {**sam3_state, "detector.dot_prod_scoring.bonus": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match="unexpected keys \\(1\\): dot_prod_scoring.bonus"):
+        tiny_grounded_sam2(sam3_checkpoint=_save(tmp_path / "extra.pt", extra))
+
+
+def test_file_without_head_keys_is_refused(tmp_path, tiny_grounded_sam2):
+    path = _save(tmp_path / "sam2.pt", {"image_encoder.trunk.pos_embed": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="has no 'detector."):
+        tiny_grounded_sam2(sam3_checkpoint=path)
+
+
+def test_real_size_sam3_checkpoint_into_tiny_head_names_shape_mismatches(tmp_path, tiny_grounded_sam2):
+    state = {f"detector.{k}": v for k, v in build_dot_product_scoring(HeadConfig()).state_dict().items()}
+    tiny_state = {f"detector.{k}": v for k, v in tiny_sam3_image().state_dict().items()}
+    tiny_state.update({k.replace("detector.", "detector.dot_prod_scoring."): v for k, v in state.items()})
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        tiny_grounded_sam2(sam3_checkpoint=_save(tmp_path / "big.pt", tiny_state))
+
+
+def test_matcher_survives_nan_and_inf_predictions():
+    matcher = FiniteCostMatcher(
+        BinaryHungarianMatcherV2(focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
+    )
+    logits = torch.tensor([[[float("nan")], [float("-inf")], [0.3]]])
+    boxes = torch.tensor([[[float("nan")] * 4, [0.5, 0.5, 0.0, 0.0], [0.4, 0.4, 0.2, 0.2]]])
+    targets = {"num_boxes": torch.tensor([1]), "boxes_padded": torch.tensor([[[0.4, 0.4, 0.2, 0.2]]])}
+    with pytest.raises(ValueError, match="invalid numeric entries"):  # what it guards against
+        BinaryHungarianMatcherV2(focal=True)({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    rows, queries, _ = matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    assert rows.tolist() == [0] and queries.tolist() == [2]
+    assert matcher.num_sanitized == 1
+    matcher(
+        {"pred_logits": logits.nan_to_num(0.0).clamp(-5, 5), "pred_boxes": boxes.nan_to_num(0.5)}, targets
+    )
+    assert matcher.num_sanitized == 1  # finite predictions are not counted
