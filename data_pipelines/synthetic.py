@@ -117,7 +117,9 @@ class SyntheticConfig:
 
     def axes(self) -> dict[str, tuple[str, ...]]:
         """Attribute name -> its values, in phrase word order."""
-        values = {"size": self.sizes, "texture": TEXTURES if self.textures else (), "colour": self.colours}
+        # a single size is a property of every object, not something to ask for
+        values = {"size": self.sizes if len(self.sizes) > 1 else (), "texture": TEXTURES if self.textures else (),
+                  "colour": self.colours}
         return {name: values[name] for name in ATTRIBUTE_ORDER if values[name]}
 
 
@@ -485,6 +487,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-train", type=int, default=2000, help="training images")
     parser.add_argument("--num-val", type=int, default=200, help="validation images")
     parser.add_argument("--num-heldout", type=int, default=200, help="images with held-out combinations")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="object kinds")
+    parser.add_argument("--colours", nargs="+", default=list(COLOURS), choices=tuple(COLOURS), help="colours")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=tuple(SIZES),
+                        help="sizes (one size: phrases do not name it)")
     parser.add_argument("--objects", type=int, nargs=2, default=[2, 5], metavar=("MIN", "MAX"),
                         help="concept objects per image")
     parser.add_argument("--distractors", type=int, nargs=2, default=[1, 3], metavar=("MIN", "MAX"),
@@ -503,7 +509,8 @@ def run(args: argparse.Namespace) -> int:
     from data_pipelines.writer import sink_from_args
 
     try:
-        config = _config_from(args.image_size, textures=args.textures, heldout=tuple(args.heldout),
+        config = _config_from(args.image_size, kinds=tuple(args.kinds), colours=tuple(args.colours),
+                              sizes=tuple(args.sizes), textures=args.textures, heldout=tuple(args.heldout),
                               objects=tuple(args.objects), distractors=tuple(args.distractors),
                               positives_per_image=args.positives, negatives_per_image=args.negatives,
                               image_format=args.format)

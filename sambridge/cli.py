@@ -2,6 +2,7 @@
 
     python train.py fit --config configs/demo/grounding_tiny.yaml
     sambridge fit|validate|test|predict --config ...   (the same CLI)
+    python train.py fit --config ... --ckpt_path auto  (resume from the newest complete checkpoint)
     sambridge data coco|saco|mask-folder|synthetic|inspect ...
     sambridge evaluate --gt GT.json --pred PRED.json
     sambridge demo
@@ -12,23 +13,86 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 # tool commands: name -> (module, one-line help); each module has main(argv) -> int | None
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data_pipelines.cli", "convert, generate and inspect shards"),
     "evaluate": ("sambridge.evaluate", "SA-Co / COCO metrics on GT and prediction files"),
     "demo": ("sambridge.demo", "train the tiny Grounded SAM2 on synthetic shards and report"),
+    "export": ("sambridge.export", "write a standalone student file from a training checkpoint"),
 }
 
 
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+"""``ckpt_path`` values Lightning resolves itself."""
+
+
 class SambridgeCLI(LightningCLI):
-    """LightningCLI over sambridge's task and data module base classes (configs name subclasses)."""
+    """LightningCLI over sambridge's task and data module base classes (configs name subclasses).
+
+    On top of Lightning's: checkpoints are written atomically (``AtomicCheckpointIO``, unless the
+    trainer was given another writer); ``--ckpt_path auto`` resumes from the newest complete
+    checkpoint of the run (under ``trainer.default_root_dir`` or a checkpoint callback's
+    ``dirpath``), skipping truncated ones with a warning, and ``fit`` under SLURM does so by
+    default; an explicit ``--ckpt_path`` is checked before Lightning unpickles it.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size",
                               apply_on="parse")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
+        from sambridge.checkpointing import use_atomic_checkpoint_io
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer)
+        return trainer
+
+    def before_fit(self) -> None:  # noqa: D102
+        self._resolve_ckpt_path()
+
+    def before_validate(self) -> None:  # noqa: D102
+        self._resolve_ckpt_path()
+
+    def before_test(self) -> None:  # noqa: D102
+        self._resolve_ckpt_path()
+
+    def before_predict(self) -> None:  # noqa: D102
+        self._resolve_ckpt_path()
+
+    def _resolve_ckpt_path(self) -> None:
+        from sambridge.checkpointing import AUTO, check_checkpoint, resolve_resume_checkpoint
+
+        config = self.config_init[self.subcommand]
+        requested = config.get("ckpt_path")
+        configured_root = config["trainer"].get("default_root_dir") is not None
+        if requested is None and self.subcommand == "fit" and SLURMEnvironment.detect() and configured_root:
+            requested = AUTO  # a requeued SLURM job continues its run
+        if requested == AUTO:
+            if not configured_root:
+                raise ValueError(f"--ckpt_path {AUTO} resumes the run in --trainer.default_root_dir: set it")
+            found = resolve_resume_checkpoint(run_directories(self.trainer))
+            rank_zero_info(f"--ckpt_path {AUTO}: " + (f"resuming from {found}" if found else
+                                                      "no checkpoint in the run directory, starting afresh"))
+            config["ckpt_path"] = None if found is None else str(found)
+        elif requested is not None and str(requested) not in LIGHTNING_CKPT_ALIASES and \
+                "://" not in str(requested):
+            check_checkpoint(requested)
+
+
+def run_directories(trainer: Trainer) -> list[Path]:
+    """Where a run's checkpoints live: its root directory and its checkpoint callbacks' directories."""
+    roots = [trainer.default_root_dir]
+    roots += [cb.dirpath for cb in trainer.checkpoint_callbacks
+              if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    return list(dict.fromkeys(Path(r).resolve() for r in roots))
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> SambridgeCLI:
@@ -65,4 +129,4 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] in ("-h", "--help"):
         tools = "\n".join(f"  {name:10s} {help_}" for name, (_, help_) in TOOL_COMMANDS.items())
         print(f"tool commands (sambridge COMMAND --help):\n{tools}\n\ntraining commands:")
-    lightning_cli(argv)
+    lightning_cli(None if args is None else argv)

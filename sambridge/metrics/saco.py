@@ -370,14 +370,25 @@ def prediction_records(image_id: int, masks: torch.Tensor | np.ndarray, scores: 
     return records
 
 
+def _canvas_to_original(masks: torch.Tensor, batch: GroundingBatch, image: int) -> torch.Tensor:
+    """(K, H, W) bool masks on the batch canvas -> (K, h, w) at the image's original size."""
+    (valid_h, valid_w), (orig_h, orig_w) = batch.valid_hw[image].tolist(), batch.orig_hw[image].tolist()
+    masks = masks[:, :valid_h, :valid_w]
+    if masks.shape[0] and (valid_h, valid_w) != (orig_h, orig_w):
+        masks = F.interpolate(masks[None].float(), size=(orig_h, orig_w), mode="bilinear",
+                              align_corners=False)[0] >= 0.5
+    return masks
+
+
 def batch_prediction_records(predictions: Mapping[str, Sequence[torch.Tensor] | torch.Tensor],
                              batch: GroundingBatch) -> list[dict[str, Any]]:
     """COCO results for every query of a batch, mapped from the batch canvas to each original image.
 
     Masks are cropped to the image's valid area and resized to its original size (bilinear on the
     binary mask, kept where >= 0.5); boxes are scaled alike. Image ids are
-    :func:`saco_pair_id` (sample key, phrase), the ids :func:`ground_truth_from_samples` writes, so
-    export the ground truth from the same queries the model saw (a query cap drops some).
+    :func:`saco_pair_id` (sample key, phrase), the ids :func:`ground_truth_from_samples` and
+    :func:`batch_ground_truth` write, so export the ground truth from the same queries the model
+    saw (a query cap drops some).
 
     Args:
         predictions: per query, in batch order: ``masks`` (K_q, H, W) bool on the canvas,
@@ -395,13 +406,35 @@ def batch_prediction_records(predictions: Mapping[str, Sequence[torch.Tensor] | 
         if keep is not None:
             masks, scores = masks[keep[q]], scores[keep[q]]
             boxes = None if boxes is None else boxes[keep[q]]
-        masks = masks[:, :valid_h, :valid_w]
-        if masks.shape[0] and (valid_h, valid_w) != (orig_h, orig_w):
-            masks = F.interpolate(masks[None].float(), size=(orig_h, orig_w), mode="bilinear",
-                                  align_corners=False)[0] >= 0.5
+        masks = _canvas_to_original(masks, batch, image)
         if boxes is not None:
             scale = torch.tensor([canvas_w * orig_w / valid_w, canvas_h * orig_h / valid_h] * 2,
                                  dtype=torch.float64, device=boxes.device)
             boxes = boxes.to(torch.float64) * scale
         records += prediction_records(saco_pair_id(batch.keys[image], batch.phrases[q]), masks, scores, boxes)
     return records
+
+
+def batch_ground_truth(batch: GroundingBatch) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """SA-Co ``images`` and ``annotations`` for every query of a batch, masks at the original size.
+
+    The counterpart of :func:`batch_prediction_records` for labelled batches (annotation ``id``s
+    count from 1 within the batch: renumber when merging batches). The canvas round trip
+    (resize down, back up) makes masks approximate for images larger than the canvas; score
+    against the source annotations (:func:`ground_truth_from_samples`) for exact numbers.
+    """
+    images, annotations = [], []
+    for q, rows in enumerate(batch.instance_slices()):
+        image = int(batch.query_image[q])
+        orig_h, orig_w = batch.orig_hw[image].tolist()
+        pair_id = saco_pair_id(batch.keys[image], batch.phrases[q])
+        images.append({"id": pair_id, "file_name": batch.keys[image], "height": orig_h, "width": orig_w,
+                       "text_input": batch.phrases[q], "is_instance_exhaustive": int(batch.exhaustive[q]),
+                       "sample_key": batch.keys[image]})
+        masks = _canvas_to_original(batch.masks[rows].cpu(), batch, image)
+        for rle in encode_masks(masks):
+            annotations.append({"id": len(annotations) + 1, "image_id": pair_id,
+                                "category_id": SACO_CATEGORY["id"], "iscrowd": 0, "segmentation": rle,
+                                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                                "area": float(mask_utils.area(rle))})
+    return images, annotations

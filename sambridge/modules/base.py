@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,15 +18,32 @@ class BaseTask(pl.LightningModule):
     ``configure_metrics``. Subclasses implement those and ``_shared_step(batch, stage)``.
 
     ``monitor``/``mode`` name the metric checkpoints and early stopping key on.
+
+    When the Trainer sets up, ``configure_model`` applies the speed/memory switches to the image
+    encoder of ``self.model`` (:mod:`sambridge.acceleration`). Each training step reseeds torch
+    from (seed, epoch, batch, rank), so dropout and drop-path masks do not depend on what ran before
+    the step (validation, loader start-up) and a resumed run draws the same masks as an
+    uninterrupted one (the seed is the run's ``seed_everything``).
+
+    Args:
+        optimizer: learning rates, parameter groups, warm-up and cosine schedule.
+        image_size: model input size (square, multiple of 32); linked to the data module's.
+        compile: ``torch.compile`` the image encoder (each SAM2 Hiera block, or the timm trunk).
+        activation_checkpointing: recompute the image encoder's activations in the backward pass
+            (each Hiera block, or each timm stage) instead of storing them: less memory, about a
+            third more encoder compute. sam3's grounding head always checkpoints in training.
     """
 
     monitor = "val_loss"
     mode = "min"
 
-    def __init__(self, optimizer: OptimizerConfig | None = None, image_size: int | None = None) -> None:
+    def __init__(self, optimizer: OptimizerConfig | None = None, image_size: int | None = None,
+                 compile: bool = False, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_config = optimizer or OptimizerConfig()
+        self.compile_encoder, self.checkpoint_encoder = compile, activation_checkpointing
+        self._encoder_compiled = False
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -44,26 +63,47 @@ class BaseTask(pl.LightningModule):
         """Named trainable parameters grouped for per-group learning rates."""
         return {"all": [(n, p) for n, p in self.named_parameters() if p.requires_grad]}
 
-    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor | None:
+    def _shared_step(self, batch: Any, stage: str) -> dict[str, Any]:
+        """Loss (and, outside training, predictions) for one batch: ``{"loss": ..., ...}``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ Lightning plumbing
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train")["loss"]
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._shared_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._shared_step(batch, "test")
+
+    def configure_model(self) -> None:
+        """Apply ``activation_checkpointing`` and ``compile`` to the image encoder (once; Lightning calls
+        this hook at every fit/validate/test/predict, inside the strategy's set-up context)."""
+        from sambridge.acceleration import checkpoint_image_encoder, compile_image_encoder
+
+        if self.checkpoint_encoder:
+            checkpoint_image_encoder(self.model)
+        if self.compile_encoder and not self._encoder_compiled:
+            compile_image_encoder(self.model)
+            self._encoder_compiled = True
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.current_epoch, batch_idx,
+                                    self.global_rank))
+
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
         total = config.total_steps or int(self.trainer.estimated_stepping_batches)
         optimizer, scheduler = build_optimizer(self.trainable_parameter_groups(), config, max(total, 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """The torch seed of one training step: a hash of (seed, epoch, batch index in the epoch, rank)."""
+    return int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1, np.uint64)[0] >> 1)

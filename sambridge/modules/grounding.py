@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from data_pipelines.batch import GroundingBatch
+from sambridge.models.lora import LoraSettings
 from sambridge.modules.base import BaseTask
 from sambridge.optim import OptimizerConfig
 
@@ -16,41 +17,39 @@ FinetuneMode = Literal["full", "frozen_encoder", "lora"]
 
 
 @dataclass
-class LoraSettings:
-    """LoRA adapters (peft) for ``finetune: lora``.
-
-    Args:
-        rank: adapter rank r.
-        alpha: scaling numerator (``alpha / rank`` scales the update).
-        dropout: dropout on the adapter input.
-        target_modules: regex of module names to adapt; ``None`` takes the default (Hiera
-            attention qkv/proj and SAM2 mask-decoder attention projections).
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str | None = None
-
-
-@dataclass
 class PredictSettings:
-    """How predictions are post-processed.
+    """Post-processing for validation, test and predict.
 
     Args:
-        top_k: keep at most this many instances per query.
-        score_threshold: keep instances scoring at least this (score = match x presence).
-        refine: refine instance masks with SAM2's prompt encoder + mask decoder from the boxes.
+        top_k: keep at most this many detections per query.
+        score_threshold: keep detections scoring at least this (score = match x presence); the
+            metrics apply SAM3's own 0.5 threshold for cgF1 on top, mask AP sees all kept.
+        refine: instance masks from SAM2's prompt encoder + mask decoder given the predicted boxes
+            (otherwise the grounding head's stride-4 masks).
     """
 
     top_k: int = 20
-    score_threshold: float = 0.3
+    score_threshold: float = 0.1
     refine: bool = True
 
 
 @dataclass
 class GroundingLossWeights:
-    """Loss weights (SAM3 detector recipe + SAM2 mask-decoder refinement recipe)."""
+    """Loss weights: SAM3 detector recipe and SAM2 mask-decoder refinement recipe.
+
+    Args:
+        box_l1: L1 on matched normalised boxes.
+        box_giou: generalised IoU on matched boxes.
+        score: IoU-aware BCE on query scores.
+        presence: presence ("is the phrase in the image?") focal loss.
+        mask_focal: focal loss on the head's matched masks.
+        mask_dice: dice loss on the head's matched masks.
+        refine_focal: focal loss on SAM2-refined masks of matched boxes.
+        refine_dice: dice loss on SAM2-refined masks.
+        refine_iou: L1 on SAM2's IoU prediction.
+        refine_object_score: SAM2's object-score BCE.
+        o2m: multiplier of the one-to-many (DAC) query losses.
+    """
 
     box_l1: float = 5.0
     box_giou: float = 2.0
@@ -63,7 +62,6 @@ class GroundingLossWeights:
     refine_iou: float = 1.0
     refine_object_score: float = 1.0
     o2m: float = 2.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class GroundingModule(BaseTask):
@@ -79,7 +77,7 @@ class GroundingModule(BaseTask):
         lora: adapter settings for ``finetune: lora``.
         loss: loss weights.
         optimizer: learning rates, parameter groups, warm-up and cosine schedule.
-        predict: post-processing for validation metrics and ``predict``.
+        predict: post-processing for validation metrics, test and ``predict``.
         image_size: model input size (square, multiple of 32); linked to the data module's.
     """
 
@@ -103,7 +101,7 @@ class GroundingModule(BaseTask):
             overrides["image_size"] = hp.image_size
         self.model = create_model(hp.model, sam2_checkpoint=hp.sam2_checkpoint,
                                   sam3_checkpoint=hp.sam3_checkpoint, **overrides)
-        apply_finetune_mode(self.model, hp.finetune, lora=asdict(hp.lora or LoraSettings()))
+        apply_finetune_mode(self.model, hp.finetune, lora=hp.lora or LoraSettings())
         self.predict_settings = hp.predict or PredictSettings()
 
     def configure_losses(self) -> None:
@@ -119,41 +117,46 @@ class GroundingModule(BaseTask):
 
     def trainable_parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         names = {id(p): f"model.{n}" for n, p in self.model.named_parameters()}
-        return {group: [(names[id(p)], p) for p in params if p.requires_grad]
+        return {group: [(names[id(p)], p) for p in params]
                 for group, params in self.model.parameter_groups().items()}
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: GroundingBatch) -> dict[str, torch.Tensor]:
         return self.model(batch.images, batch.phrases, batch.query_image)
 
-    def _shared_step(self, batch: GroundingBatch, stage: str) -> torch.Tensor:
-        outputs = self.model(batch.images, batch.phrases, batch.query_image)
+    def _shared_step(self, batch: GroundingBatch, stage: str) -> dict[str, Any]:
+        outputs = self.model(batch.images, batch.phrases, batch.query_image, targets=batch)
         losses = self.loss_fn(outputs, batch)
-        bs = batch.num_images
-        on_step = stage == "train"
-        self.log(f"{stage}_loss", losses["loss"], batch_size=bs, prog_bar=True, on_step=on_step,
-                 on_epoch=not on_step, sync_dist=not on_step)
-        self.log_dict({f"{stage}_{k}": v for k, v in losses.items() if k != "loss"}, batch_size=bs,
-                      on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
-        if stage != "train":
-            metrics = self.val_metrics if stage == "val" else self.test_metrics
-            predictions = self.postprocess(outputs, batch)
-            metrics.update_from_batch(predictions, batch)
-        return losses["loss"]
+        train = stage == "train"
+        log = {"batch_size": batch.num_images, "on_step": train, "on_epoch": not train, "sync_dist": not train}
+        self.log(f"{stage}_loss", losses["loss"], prog_bar=True, **log)
+        self.log_dict({f"{stage}_{name}": value for name, value in losses.items()
+                       if name != "loss" and "_aux_" not in name}, **log)
+        if train:
+            return {"loss": losses["loss"]}
+        predictions = self.postprocess(outputs, batch)
+        (self.val_metrics if stage == "val" else self.test_metrics).update_from_batch(predictions, batch)
+        return {"loss": losses["loss"], "predictions": predictions}
 
-    def postprocess(self, outputs: dict[str, torch.Tensor], batch: GroundingBatch) -> dict[str, Any]:
+    def postprocess(self, outputs: dict[str, Any], batch: GroundingBatch) -> dict[str, torch.Tensor]:
+        """Top-k detections per query with masks on the batch canvas."""
         s = self.predict_settings
         return self.model.postprocess(outputs, top_k=s.top_k, score_threshold=s.score_threshold,
                                       refine=s.refine, out_hw=tuple(batch.images.shape[-2:]))
 
+    def _log_metrics(self, metrics) -> None:
+        values = {name: value.float() for name, value in metrics.compute().items()}
+        headline = f"{metrics.prefix}cgF1"
+        self.log(headline, values.pop(headline), prog_bar=True)
+        self.log_dict(values)
+        metrics.reset()
+
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), sync_dist=False)
-        self.val_metrics.reset()
+        self._log_metrics(self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute(), sync_dist=False)
-        self.test_metrics.reset()
+        self._log_metrics(self.test_metrics)
 
     def predict_step(self, batch: GroundingBatch, batch_idx: int) -> dict[str, Any]:
         outputs = self.model(batch.images, batch.phrases, batch.query_image)
-        return {"batch": batch, "predictions": self.postprocess(outputs, batch)}
+        return {"predictions": self.postprocess(outputs, batch)}

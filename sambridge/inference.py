@@ -1,0 +1,106 @@
+"""Segment images from noun phrases with a trained checkpoint (whole images or tiled large ones)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_pipelines.augment import AugmentConfig, sample_geometry, warp_image
+from data_pipelines.tiling import TilingConfig, predict_tiled
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The grounding model of a sambridge Lightning checkpoint (``.ckpt``) or an exported student.
+
+    Lightning checkpoints name their task class (``GroundingModule``, ``DistillModule``) in their
+    hyper-parameters and are rebuilt from them; everything loads with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint and "hyper_parameters" in checkpoint:
+        class_path = checkpoint["hyper_parameters"].get("_class_path", "sambridge.modules.GroundingModule")
+        module_name, _, class_name = class_path.rpartition(".")
+        task = getattr(importlib.import_module(module_name), class_name)
+        module = task.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+        return module.model.eval()
+    from sambridge.models import load_student
+
+    return load_student(path, map_location=map_location).eval()
+
+
+@dataclass
+class Segment:
+    """One found instance: a bool mask at the image size, its score and pixel box (x0, y0, x1, y1)."""
+
+    mask: np.ndarray
+    score: float
+    box_xyxy: tuple[float, float, float, float]
+
+
+class Segmenter:
+    """Noun phrases in, instances out, on images of any size.
+
+    Args:
+        model: a grounding model (``GroundedSAM2``, a SAM3 teacher, a student).
+        score_threshold: keep instances scoring at least this.
+        top_k: instances per phrase at most (per tile when tiling).
+        refine: refine masks with SAM2's mask decoder (models that have one).
+        device: where to run.
+    """
+
+    def __init__(self, model: nn.Module, score_threshold: float = 0.5, top_k: int = 100, refine: bool = True,
+                 device: str | torch.device = "cpu") -> None:
+        self.model = model.eval().to(device)
+        self.score_threshold, self.top_k, self.refine, self.device = score_threshold, top_k, refine, device
+        self.canvas = AugmentConfig(image_size=model.image_size)
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, phrases: list[str]) -> list[list[Segment]]:
+        """Per phrase, the instances found in an (H, W, 3) uint8 image (letterboxed to the model size)."""
+        h, w = image.shape[:2]
+        geometry = sample_geometry((h, w), self.canvas)
+        canvas = warp_image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), geometry)
+        out = self.model(canvas[None].to(self.device), list(phrases), torch.zeros(len(phrases), dtype=torch.long))
+        size = self.canvas.image_size
+        pred = self.model.postprocess(out, top_k=self.top_k, score_threshold=self.score_threshold,
+                                      refine=self.refine, out_hw=(size, size))
+        vh, vw = geometry.valid_hw
+        results = []
+        for q in range(len(phrases)):
+            found = []
+            for k in pred["keep"][q].nonzero()[:, 0].tolist():
+                mask = pred["masks"][q, k, :vh, :vw][None, None].float()
+                mask = torch.nn.functional.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
+                box = (pred["boxes_xyxy"][q, k] * size).tolist()
+                scale_x, scale_y = w / vw, h / vh
+                found.append(Segment(mask=(mask[0, 0] >= 0.5).cpu().numpy(), score=float(pred["scores"][q, k]),
+                                     box_xyxy=(box[0] * scale_x, box[1] * scale_y, box[2] * scale_x,
+                                               box[3] * scale_y)))
+            results.append(found)
+        return results
+
+    def segment_tiled(self, image: np.ndarray, phrases: list[str], tiling: TilingConfig,
+                      progress: bool = True) -> list[list[Segment]]:
+        """Large images: overlapping tiles at full resolution, pieces merged across tile borders."""
+        def predict_tile(tile: np.ndarray, tile_phrases: list[str]):
+            return [[(s.mask, s.score) for s in found] for found in self.segment(tile, tile_phrases)]
+
+        merged = predict_tiled(image, list(phrases), predict_tile, tiling, progress=progress)
+        from data_pipelines.schema import decode_rle
+
+        results = []
+        for phrase in phrases:
+            found = []
+            for pred in merged[phrase]:
+                x, y, bw, bh = pred.bbox
+                found.append(Segment(mask=decode_rle(pred.rle), score=pred.score, box_xyxy=(x, y, x + bw, y + bh)))
+            results.append(found)
+        return results

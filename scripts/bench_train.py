@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Training speed of GroundingModule under Lightning against a plain PyTorch loop, and peak
+memory of full against LoRA fine-tuning. Prints a table and JSON.
+
+    python scripts/bench_train.py                                   # tiny model, CPU
+    python scripts/bench_train.py --model grounded_sam2_hiera_t --image-size 1024 --batch-size 2 \\
+        --device cuda --precision bf16-mixed --json bench_train.json
+
+Both loops run the same forward, loss, backward and optimiser step (AdamW over the same
+parameter groups, gradient clipping) on the same pre-collated batches of synthetic shards, so the
+ratio measures Lightning's overhead. Memory is measured in a fresh process per fine-tuning mode:
+peak CUDA memory on a GPU, peak resident memory growth on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="grounded_sam2_tiny")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop; best is kept")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--memory-only", choices=["full", "lora"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def make_batches(args: argparse.Namespace, data_dir: Path) -> list:
+    """Pre-collated batches of synthetic shards (the same list feeds both loops)."""
+    from data_pipelines.datamodule import ShardDataModule
+    from data_pipelines.synthetic import generate_synthetic
+
+    if not (data_dir / "train" / "manifest.json").exists():
+        generate_synthetic(data_dir, image_size=min(args.image_size, 256), num_train=args.batch_size * 16,
+                           num_val=0, num_heldout=0, max_count=args.batch_size * 4, overwrite=True)
+    dm = ShardDataModule(train=str(data_dir / "train"), image_size=args.image_size, batch_size=args.batch_size,
+                         num_workers=0, persistent_workers=False, max_queries_per_image=8)
+    dm.setup("fit")
+    return list(itertools.islice(iter(dm.train_dataloader()), 16))
+
+
+def build_module(args: argparse.Namespace, finetune: str = "full"):
+    from sambridge.modules import GroundingModule
+    from sambridge.optim import OptimizerConfig
+
+    torch.manual_seed(0)
+    return GroundingModule(model=args.model, finetune=finetune, image_size=args.image_size,
+                           optimizer=OptimizerConfig(lr=1e-4, warmup_steps=0, total_steps=10_000))
+
+
+def make_optimizer(module) -> torch.optim.Optimizer:
+    """The optimiser ``configure_optimizers`` builds (same parameter groups), without a trainer."""
+    from sambridge.optim import build_optimizer
+
+    return build_optimizer(module.trainable_parameter_groups(), module.optimizer_config, 10_000)[0]
+
+
+def autocast(args: argparse.Namespace):
+    enabled = args.precision == "bf16-mixed"
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(args: argparse.Namespace, batches: list) -> float:
+    """Steps/s of a hand-written loop doing what the Lightning module does in training_step."""
+    module = build_module(args).to(args.device).train()
+    optimizer = make_optimizer(module)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            sync(args.device)
+            start = time.perf_counter()
+        batch = batches[step % len(batches)]
+        batch = module.transfer_batch_to_device(batch, torch.device(args.device), 0)
+        with autocast(args):
+            loss = module.training_step(batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+    sync(args.device)
+    return args.steps / (time.perf_counter() - start)
+
+
+class _StepTimer:
+    """Times the training steps after ``warmup`` (a Lightning callback, built lazily)."""
+
+    def __new__(cls, warmup: int, device: str):
+        from lightning.pytorch.callbacks import Callback
+
+        class StepTimer(Callback):
+            def __init__(self) -> None:
+                self.start = self.end = 0.0
+                self.steps = 0
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                if trainer.global_step == warmup:
+                    sync(device)
+                    self.start = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                if trainer.global_step > warmup:
+                    sync(device)
+                    self.end = time.perf_counter()
+                    self.steps = trainer.global_step - warmup
+
+        return StepTimer()
+
+
+def lightning_loop(args: argparse.Namespace, batches: list) -> float:
+    import lightning.pytorch as pl
+
+    module = build_module(args)
+    timer = _StepTimer(args.warmup, args.device)
+    trainer = pl.Trainer(accelerator="gpu" if "cuda" in args.device else "cpu", devices=1,
+                         precision=args.precision, max_steps=args.warmup + args.steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         gradient_clip_val=1.0, num_sanity_val_steps=0, callbacks=[timer])
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.steps / (timer.end - timer.start)
+
+
+def peak_memory(args: argparse.Namespace, finetune: str, batches: list) -> float:
+    """Peak memory (MB) of a few training steps above what model and data hold before them: CUDA
+    max allocated, or on the CPU the growth of the peak resident set (Linux /proc)."""
+    module = build_module(args, finetune).to(args.device).train()
+    optimizer = make_optimizer(module)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM) to now
+        base = _proc_status_bytes("VmRSS")
+    for step in range(3):
+        batch = module.transfer_batch_to_device(batches[step % len(batches)], torch.device(args.device), 0)
+        with autocast(args):
+            loss = module.training_step(batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")
+    return (peak - base) / 2**20
+
+
+def _proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (Linux), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_in_subprocess(args: argparse.Namespace, finetune: str, data_dir: Path) -> float:
+    cmd = [sys.executable, __file__, "--memory-only", finetune, "--data", str(data_dir), "--model", args.model,
+           "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--device", args.device,
+           "--precision", args.precision]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(args.data or tmp)
+        batches = make_batches(args, data_dir)
+        if args.memory_only:
+            print(peak_memory(args, args.memory_only, batches))
+            return 0
+        plain, lightning = [], []
+        for _ in range(args.repeats):  # alternate to spread machine noise over both
+            plain.append(plain_loop(args, batches))
+            lightning.append(lightning_loop(args, batches))
+        memory = {mode: memory_in_subprocess(args, mode, data_dir) for mode in ("full", "lora")}
+    device = torch.cuda.get_device_name() if "cuda" in args.device else f"CPU ({torch.get_num_threads()} threads)"
+    result = {
+        "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+        "precision": args.precision, "device": device, "steps": args.steps,
+        "plain_steps_per_s": max(plain), "lightning_steps_per_s": max(lightning),
+        "lightning_over_plain": max(lightning) / max(plain),
+        "images_per_s": max(lightning) * args.batch_size,
+        "peak_memory_mb": memory, "lora_over_full_memory": memory["lora"] / memory["full"],
+    }
+    rows = [("device", device), ("model", f"{args.model} @ {args.image_size}px, batch {args.batch_size}"),
+            ("plain PyTorch loop", f"{result['plain_steps_per_s']:.2f} steps/s"),
+            ("Lightning GroundingModule", f"{result['lightning_steps_per_s']:.2f} steps/s"),
+            ("Lightning / plain", f"{result['lightning_over_plain']:.3f} (target >= 0.95)"),
+            ("peak memory, full fine-tuning", f"{memory['full']:.0f} MB"),
+            ("peak memory, LoRA", f"{memory['lora']:.0f} MB"),
+            ("LoRA / full memory", f"{result['lora_over_full_memory']:.2f}")]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
