@@ -79,7 +79,8 @@ class BandSelection:
         for band in self.bands:
             if isinstance(band, int):
                 if band > available:
-                    raise SkipItem("band not in image", f"{path} has {available} bands, asked for band {band}")
+                    raise SkipItem("band not in image",
+                                   f"{path} has {available} bands, asked for band {band}")
                 out.append(band - 1)
             elif band.lower() in names:
                 out.append(names.index(band.lower()))
@@ -136,7 +137,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, list[str]]:
     extra = [i for i, axis in enumerate(axes) if axis not in "YX" and array.shape[i] > 1]
     if "Y" not in axes or "X" not in axes or len(extra) > 1:
         raise SkipItem("unsupported TIFF layout",
-                       f"{path} has axes {axes!r} with shape {list(array.shape)}; expected Y, X and one band axis")
+                       f"{path} has axes {axes!r} with shape {list(array.shape)}; "
+                       "expected Y, X and one band axis")
     order = [axes.index("Y"), axes.index("X"), *extra]
     array = array.transpose(order + [i for i in range(array.ndim) if i not in order])
     array = array.reshape(array.shape[0], array.shape[1], -1)
@@ -154,7 +156,7 @@ def _gdal_band_names(metadata: str | None, count: int) -> list[str]:
     names = [""] * count
     for item in root.iter("Item"):
         sample = item.get("sample")
-        if item.get("name") == "DESCRIPTION" and sample is not None and sample.isdigit() and int(sample) < count:
+        if item.get("name") == "DESCRIPTION" and (sample or "").isdigit() and int(sample) < count:
             names[int(sample)] = (item.text or "").strip()
     return names if all(names) else []
 
@@ -177,7 +179,7 @@ def stretch_to_uint8(bands: np.ndarray, percentiles: tuple[float, float] = (2.0,
         if not valid.any():
             continue
         low, high = value_range if value_range is not None else np.percentile(band[valid], percentiles)
-        scaled = (band - low) * (255.0 / max(high - low, np.finfo(np.float64).tiny))
+        scaled = (band - low) * 255.0 / max(high - low, np.finfo(np.float64).tiny)
         out[..., k] = np.where(valid, np.rint(np.clip(np.nan_to_num(scaled), 0, 255)), 0)
     return out
 

@@ -19,6 +19,22 @@ Each category with annotations on an image becomes a query holding all its insta
   (their instances are merged into one query), one category may feed several phrases, and ``[]``
   drops a category (its annotations are counted as dropped).
 * Boxes are recomputed from the masks; annotation files' boxes often disagree with them.
+
+Exports of annotation tools (Roboflow, CVAT, Label Studio) differ from COCO in ways handled here:
+
+* ``file_name`` with a path prefix that is not under ``images`` (``images/x.jpg``, ``/data/upload/
+  3/x.jpg``, Windows ``sub\\x.jpg``): when the full relative path is not found, shorter endings of
+  it are tried (``3/x.jpg``, then ``x.jpg``), each only if no other image of the file ends the same
+  way, so two ``x.jpg`` of different folders are never confused.
+* CVAT exports brush masks as RLE with ``iscrowd: 1``: ``crowd_as_instances`` makes them instances.
+* Roboflow adds a category 0 named after the dataset that no annotation uses (left out of the
+  negatives, see above); categories may be numbered from 0.
+* Generic annotation file names (Roboflow's ``train/_annotations.coco.json``, CVAT's
+  ``annotations/instances_default.json``, Label Studio's ``result.json``) give the default dataset
+  label from the folder instead (``coco:train``), so the splits of one export, whose image ids
+  restart at 0 in each file, get distinct sample keys.
+* Tools list frames nobody annotated yet: ``skip_unannotated`` skips images without annotations
+  (counted) instead of making every category a negative on them.
 """
 
 from __future__ import annotations
@@ -27,10 +43,11 @@ import argparse
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from data_pipelines.bands import BandSelection, add_band_arguments, band_selection_from_args
 from data_pipelines.convert.common import (
     Converter,
     DropAnnotation,
@@ -48,6 +65,8 @@ from data_pipelines.schema import Instance, Query, Sample, normalize_phrase
 from data_pipelines.writer import add_sink_arguments
 
 AnnotationFormat = Literal["auto", "coco", "lvis"]
+# annotation file names that say nothing about the split: the folder names the dataset instead
+GENERIC_ANNOTATION_NAMES = {"_annotations.coco", "_annotations", "annotations", "default", "result", "coco"}
 
 
 @dataclass
@@ -69,12 +88,17 @@ class CocoConverter(Converter):
         negatives_per_image: COCO only: at most this many negative phrases per image (None: all).
         seed: seed for sampling negatives (combined with the image id).
         keep_unused_categories: COCO only: use categories no annotation refers to as negatives too.
+        crowd_as_instances: treat ``iscrowd: 1`` annotations as ordinary instances (CVAT exports
+            brush masks that way).
+        skip_unannotated: skip images without any annotation instead of making them all-negative.
+        bands: multi-band images: which bands become RGB and how they are stretched.
     """
 
     def __init__(self, annotations: str | Path, images: str | Path, *, source: str | None = None,
                  fmt: AnnotationFormat = "auto", synonyms: str | Path | None = None,
                  negatives_per_image: int | None = None, seed: int = 0,
-                 keep_unused_categories: bool = False) -> None:
+                 keep_unused_categories: bool = False, crowd_as_instances: bool = False,
+                 skip_unannotated: bool = False, bands: BandSelection | None = None) -> None:
         self.annotations_path, self.images_dir = Path(annotations), Path(images)
         if not self.images_dir.is_dir():
             raise InputError(f"image folder {self.images_dir} does not exist")
@@ -88,9 +112,13 @@ class CocoConverter(Converter):
                              "--negatives-per-image is for COCO")
         if negatives_per_image is not None and negatives_per_image < 0:
             raise InputError(f"negatives_per_image must be >= 0, got {negatives_per_image}")
-        self.source = source or source_label(self.fmt, self.annotations_path, ("instances_", "lvis_"))
+        self.source = source or _default_source(self.fmt, self.annotations_path)
         self.synonyms_path = synonyms
         self.negatives_per_image, self.seed = negatives_per_image, seed
+        self.crowd_as_instances, self.skip_unannotated = crowd_as_instances, skip_unannotated
+        self.bands = bands
+        # how many images' file names end in each way: only unique endings may stand for a file name
+        self.name_endings = Counter(e for img in self.images for e in _name_endings(img.get("file_name")))
 
         names = self._category_names(categories)
         self.category_phrases = self._phrases_of(names, load_json(synonyms, "synonyms") if synonyms else {})
@@ -179,7 +207,8 @@ class CocoConverter(Converter):
         return sample_key(self.source, self.images[index]["id"])
 
     def _image_path(self, img: dict[str, Any]) -> Path:
-        names = [img["file_name"]] if img.get("file_name") else []
+        endings = _name_endings(img.get("file_name"))
+        names = endings[:1] + [e for e in endings[1:] if self.name_endings[e] == 1]
         if img.get("coco_url"):  # LVIS: images are COCO's, found by their URL path
             parts = urlparse(img["coco_url"]).path.split("/")
             names += ["/".join(parts[-2:]), parts[-1]]
@@ -190,12 +219,18 @@ class CocoConverter(Converter):
             if (self.images_dir / name).is_file():
                 return self.images_dir / name
         tried = ", ".join(str(self.images_dir / n) for n in names)
-        raise SkipItem("missing image file", f"{tried} (image id {img['id']!r} in {self.annotations_path})")
+        shared = [e for e in endings[1:] if self.name_endings[e] > 1]
+        note = f"; not tried, as other images' names end the same way: {', '.join(shared)}" if shared else ""
+        raise SkipItem("missing image file",
+                       f"{tried} (image id {img['id']!r} in {self.annotations_path}){note}")
 
     def convert(self, index: int) -> Sample:
         img = self.images[index]
+        if self.skip_unannotated and not self.annotations_by_image.get(img["id"]):
+            raise SkipItem("image without annotations",
+                           f"image id {img['id']!r} in {self.annotations_path} (--skip-unannotated)")
         path = self._image_path(img)
-        data, image_format, width, height = read_image(path)
+        data, image_format, width, height = (self.bands.read_image if self.bands else read_image)(path)
         if (img.get("width"), img.get("height")) not in ((width, height), (None, None)):
             raise SkipItem("image size differs from the annotation file",
                            f"{path} is {width}x{height}, {self.annotations_path} says {img.get('width')}x"
@@ -214,7 +249,7 @@ class CocoConverter(Converter):
             present_categories.add(ann["category_id"])
             states = [on_image.setdefault(phrase, _PhraseOnImage()) for phrase in phrases]
             instance = None
-            if ann.get("iscrowd"):
+            if ann.get("iscrowd") and not self.crowd_as_instances:
                 dropped["crowd region (category made non-exhaustive)"] += 1
             else:
                 try:
@@ -270,7 +305,30 @@ class CocoConverter(Converter):
                 "synonyms": str(self.synonyms_path) if self.synonyms_path else None,
                 "negatives_per_image": "neg_category_ids" if self.fmt == "lvis" else negatives,
                 "seed": self.seed, "vocabulary": self.phrases, "unused_categories": self.unused_categories,
-                "annotations_without_image": self.annotations_without_image}
+                "annotations_without_image": self.annotations_without_image,
+                "crowd_as_instances": self.crowd_as_instances, "skip_unannotated": self.skip_unannotated,
+                "bands": self.bands.to_json() if self.bands else None}
+
+
+def _name_endings(file_name: Any) -> list[str]:
+    """A ``file_name`` as a relative path, then ever shorter endings of it: 'a/b/c.jpg', 'b/c.jpg', 'c.jpg'.
+
+    Backslashes, drive letters, leading slashes and '.'/'..' parts are removed first.
+    """
+    if not isinstance(file_name, str) or not file_name.strip():
+        return []
+    path = PureWindowsPath(file_name.strip())  # reads both '/' and '\' as separators
+    parts = [p for p in path.parts[1 if path.anchor else 0:] if p not in (".", "..")]
+    return ["/".join(parts[i:]) for i in range(len(parts))]
+
+
+def _default_source(fmt: str, path: Path) -> str:
+    """``fmt:<file stem>``, or ``fmt:<folder>`` for generic file names (the folder names the split)."""
+    label = source_label(fmt, path, ("instances_", "lvis_"))
+    if label.split(":", 1)[1].lower() not in GENERIC_ANNOTATION_NAMES:
+        return label
+    folders = [p.name for p in path.resolve().parents if p.name and p.name.lower() != "annotations"]
+    return f"{fmt}:{folders[0]}" if folders else label
 
 
 def _negative_count(text: str) -> int | None:
@@ -296,12 +354,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling negatives")
     parser.add_argument("--keep-unused-categories", action="store_true",
                         help="COCO: also use categories no annotation refers to as negatives")
-    parser.add_argument("--source", help="dataset label stored in every sample (default: coco:<file stem>)")
+    parser.add_argument("--crowd-as-instances", action="store_true",
+                        help="treat iscrowd=1 annotations as instances (CVAT exports brush masks that way)")
+    parser.add_argument("--skip-unannotated", action="store_true",
+                        help="skip images without annotations (unlabelled frames of tool exports) instead of "
+                             "making every category a negative on them")
+    parser.add_argument("--source", help="dataset label stored in every sample (default: coco:<file stem>, "
+                                         "or coco:<folder> for generic names such as _annotations.coco.json)")
+    add_band_arguments(parser)
     add_sink_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     converter = CocoConverter(args.annotations, args.images, source=args.source, fmt=args.fmt,
                               synonyms=args.synonyms, negatives_per_image=args.negatives_per_image,
-                              seed=args.seed, keep_unused_categories=args.keep_unused_categories)
+                              seed=args.seed, keep_unused_categories=args.keep_unused_categories,
+                              crowd_as_instances=args.crowd_as_instances,
+                              skip_unannotated=args.skip_unannotated,
+                              bands=band_selection_from_args(args))
     return write_shards(args, converter)

@@ -111,7 +111,8 @@ class InstanceFoldersConverter(Converter):
     def _load_classes(self, path: str | Path) -> dict[str, str | None]:
         table = load_json(path, "classes")
         if not isinstance(table, dict) or not table:
-            raise InputError(f"classes file {path} must hold a non-empty object: class name -> phrase or null")
+            raise InputError(f"classes file {path} must hold a non-empty object: "
+                             "class name -> phrase or null")
         out: dict[str, str | None] = {}
         for name, value in table.items():
             if value is not None and (not isinstance(value, str) or not normalize_phrase(value)):
@@ -196,16 +197,14 @@ class InstanceFoldersConverter(Converter):
 
     def _instance(self, path: Path, image_path: Path, width: int, height: int) -> Instance:
         pixels = self._load_mask(path, image_path, (width, height))
-        if self.threshold is None:
-            if np.unique(pixels).size > 2:
-                raise DropAnnotation("mask is not binary (give --threshold)")
-            foreground = pixels > 0
-        else:
-            foreground = pixels >= self.threshold
+        foreground = pixels > 0 if self.threshold is None else pixels >= self.threshold
         rows, cols = np.flatnonzero(foreground.any(1)), np.flatnonzero(foreground.any(0))
         if rows.size == 0:
             raise DropAnnotation("empty mask")
-        crop = foreground[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        crop = foreground[box]
+        if self.threshold is None and np.unique(pixels[box]).size > 2:  # the box holds every non-zero value
+            raise DropAnnotation("mask is not binary (give --threshold)")
         if crop.sum() < self.min_area:
             raise DropAnnotation("mask smaller than min_area")
         return instance_from_crop(crop, int(rows[0]), int(cols[0]), height, width)

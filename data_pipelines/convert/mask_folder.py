@@ -193,7 +193,8 @@ class MaskFolderConverter(Converter):
                     raise InputError(
                         f"--colour-tolerance {tolerance} is too large: palette values "
                         f"{_format_value(a, self.colour)} and {_format_value(b, self.colour)} are only "
-                        f"{int(_value_distance(np.array(a), b, self.colour))} apart (need tolerance < half that)")
+                        f"{int(_value_distance(np.array(a), b, self.colour))} apart "
+                        "(need tolerance < half that)")
 
     def _snap_to_palette(self, label: np.ndarray) -> np.ndarray:
         """Each pixel -> the palette value within the tolerance (at most one is), else UNMATCHED."""
