@@ -66,7 +66,7 @@ class GroundingBatch:
         """Per query, the slice of ``boxes``/``masks`` holding its instances."""
         ends = torch.cumsum(self.num_instances, 0).tolist()
         starts = [0] + ends[:-1]
-        return [slice(s, e) for s, e in zip(starts, ends)]
+        return [slice(s, e) for s, e in zip(starts, ends, strict=True)]
 
     def validate(self) -> None:
         """Raise ``ValueError`` when the fields disagree with each other (cheap shape checks)."""

@@ -15,12 +15,14 @@ In a LightningCLI config::
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import webdataset as wds
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from data_pipelines.augment import AugmentConfig
@@ -59,7 +61,9 @@ class ShardDataModule(LightningDataModule):
     Call :meth:`set_epoch` at the start of each training epoch (``sambridge`` task modules do):
     shard order, shuffling and augmentation are seeded by (seed, epoch, rank, worker), and the
     epoch lives in shared memory so persistent workers see it. :meth:`state_dict` records the
-    epoch and seed in checkpoints.
+    epoch and seed in checkpoints and, in a checkpoint written during ``fit``, how many batches of
+    the epoch were consumed: a run resumed from it regenerates the epoch and skips exactly those
+    (see ``docs/cluster.md`` for the guarantee and its limits).
 
     Args:
         train: training shards: a shard directory (with manifest.json or sizes.json), a brace
@@ -96,6 +100,9 @@ class ShardDataModule(LightningDataModule):
         color_jitter: brightness/contrast/saturation jitter strength in training (0 = off).
         min_instance_area: instances with fewer pixels on the canvas after augmentation are
             dropped; a positive left without instances becomes a negative if exhaustive.
+        shard_retries: times a remote shard (``pipe:``, ``http(s)://``) that fails while being
+            read is read again, continuing after the samples it already gave; then it is counted
+            as a bad shard and skipped.
     """
 
     def __init__(self, train: str | list[str] | None = None, val: str | list[str] | None = None,
@@ -107,7 +114,7 @@ class ShardDataModule(LightningDataModule):
                  max_queries_per_image: int = 16, negatives_per_image: int = 2, vocabulary: str | None = None,
                  hflip_prob: float = 0.5,
                  scale_range: tuple[float, float] = (0.75, 1.25), color_jitter: float = 0.2,
-                 min_instance_area: int = 16) -> None:
+                 min_instance_area: int = 16, shard_retries: int = 2) -> None:
         super().__init__()
         self.save_hyperparameters()
         if train_weights is not None and not resampled:
@@ -126,7 +133,9 @@ class ShardDataModule(LightningDataModule):
         self.augment = AugmentConfig(image_size=image_size, hflip_prob=hflip_prob,
                                      scale_range=tuple(scale_range), color_jitter=color_jitter,
                                      min_instance_area=min_instance_area)
+        self.shard_retries = shard_retries
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches consumed) from a checkpoint
         self.streams: dict[Split, ShardStream] = {}
         self._shared_epoch: SharedEpoch | None = None  # created in setup: shared memory does not pickle
 
@@ -162,7 +171,10 @@ class ShardDataModule(LightningDataModule):
                              world_size=world_size, num_workers=self.num_workers, seed=self.seed,
                              epoch=self._shared_epoch, errors=ErrorCounter(split),
                              shuffle_buffer=self.shuffle_buffer,
-                             num_samples=self.train_num_samples if train else None, name=split)
+                             num_samples=self.train_num_samples if train else None, name=split,
+                             retries=self.shard_retries)
+        if train and self._resume is not None:
+            stream.resume_at(*self._resume)
         if not train and len(shards.urls) < world_size:
             rank_zero_warn(f"{split}: {len(shards.urls)} shard(s) for {world_size} ranks: some ranks get no "
                            f"{split} data; write at least one shard per rank")
@@ -216,15 +228,43 @@ class ShardDataModule(LightningDataModule):
             self._shared_epoch.set(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint records to continue the data order: epoch and seed."""
-        return {"epoch": self.epoch, "seed": self.seed}
+        """What a checkpoint records to continue the data order: epoch and seed and, while ``fit``
+        runs, the training batches this rank consumed in the epoch and the layout that produced them."""
+        state: dict[str, Any] = {"epoch": self.epoch, "seed": self.seed}
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and \
+                trainer.state.status == TrainerStatus.RUNNING:
+            per_epoch = trainer.num_training_batches
+            state.update(batches=_batches_consumed(trainer),
+                         batches_per_epoch=None if math.isinf(per_epoch) else int(per_epoch),
+                         **self._layout())
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the epoch; warns when the checkpoint's seed differs (the data order will too)."""
+        """Restore the epoch and where in it training stopped; warns when the checkpoint's seed or
+        data layout differs (the data order then differs from the uninterrupted run's)."""
         if state_dict.get("seed", self.seed) != self.seed:
             rank_zero_warn(f"the checkpoint's data seed {state_dict['seed']} differs from seed={self.seed}: "
                            "the resumed run sees a different data order")
-        self.set_epoch(int(state_dict.get("epoch", 0)))
+        epoch, batches = int(state_dict.get("epoch", 0)), int(state_dict.get("batches", 0))
+        per_epoch = state_dict.get("batches_per_epoch")
+        if per_epoch is not None and batches >= per_epoch:  # saved at the end of the epoch
+            epoch, batches = epoch + 1, 0
+        saved = {key: state_dict[key] for key in self._layout() if key in state_dict}
+        if batches and saved != self._layout():
+            rank_zero_warn(f"resuming epoch {epoch} after {batches} batch(es) per rank with a different data "
+                           f"layout (checkpoint {saved}, now {self._layout()}): the rest of this epoch is "
+                           "drawn from the new layout, so some of its samples may repeat or be missed; "
+                           "later epochs follow the new layout exactly")
+        self.set_epoch(epoch)
+        self._resume = (epoch, batches) if batches else None
+        if "train" in self.streams:
+            self.streams["train"].resume_at(epoch, batches)
+
+    def _layout(self) -> dict[str, int]:
+        """What decides each rank's share of an epoch, batch by batch."""
+        _, world_size = self._rank_and_world()
+        return {"world_size": world_size, "num_workers": self.num_workers, "batch_size": self.batch_size}
 
     def skipped(self) -> dict[str, int]:
         """Bad samples skipped so far per split (summed over workers)."""
@@ -233,3 +273,15 @@ class ShardDataModule(LightningDataModule):
     def describe(self) -> str:
         """Shards, samples and batches per epoch of every split set up."""
         return "\n".join(stream.describe() for stream in self.streams.values())
+
+
+def _batches_consumed(trainer) -> int:
+    """Training batches of the current epoch a resumed run will not see again.
+
+    Lightning resumes a checkpoint written in ``on_train_batch_end`` after that batch, and one
+    written anywhere else after the last completed batch (its progress counters tell which).
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    if progress.ready == progress.started == progress.processed:
+        return progress.processed
+    return progress.completed

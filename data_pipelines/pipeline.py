@@ -26,11 +26,23 @@ Three modes:
 ``once`` (validation, test, predict): every sample exactly once across all ranks, in shard
     order; ranks may get different numbers of batches, and a worker without shards yields nothing.
 
-All randomness comes from (seed, epoch, rank, worker), so a run can be resumed exactly.
+All randomness comes from (seed, epoch, rank, worker), so a run can be resumed exactly: a stream
+told to resume an epoch after N batches (:meth:`ShardStream.resume_at`) regenerates the epoch and
+drops what the interrupted run consumed. The DataLoader takes one batch from each worker in turn
+(workers that ran out drop out of the turn), so the first N batches came from known workers
+(:func:`resume_order`); on resume each worker drops its share and the workers swap roles so that
+the turn continues with the worker that was next.
+
+Shards that fail while being read (a ``pipe:`` command exiting non-zero, a dropped connection, a
+truncated tar) are read again up to ``retries`` times when remote, continuing after the samples
+already delivered; a shard that still fails, or a local one, is counted and logged by the error
+handler with the samples it gave, and the rest of it is skipped (``exact`` epochs then re-read the
+worker's shards to fill its share, so an epoch is never cut short silently).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -38,6 +50,7 @@ import math
 import multiprocessing
 import random
 import tarfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -60,6 +73,10 @@ MAX_EMPTY_PASSES = 3
 # are forked (inherited) or spawned (pickled at start); fork-context locks cannot be pickled
 _SHARED = multiprocessing.get_context("spawn")
 SKIPPABLE_ERRORS = (SampleError, tarfile.TarError, OSError, EOFError, ValueError)
+
+
+class ShardReadError(OSError):
+    """A shard could not be read to its end (after its retries); the message names it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +301,25 @@ def resampled_worker_batches(num_samples: int, batch_size: int, world_size: int,
     return math.ceil(num_samples / (batch_size * world_size * max(1, num_workers)))
 
 
+def resume_order(budgets: Sequence[int], consumed: int) -> tuple[int, list[int]]:
+    """Where a rank's loader stood after ``consumed`` batches of an epoch.
+
+    The DataLoader takes one batch from each worker in turn (``budgets[w]`` batches from worker
+    ``w``; a worker that ran out drops out of the turn). Returns the worker whose batch comes next
+    and how many batches each worker had delivered.
+    """
+    total = sum(budgets)
+    if not 0 <= consumed <= total:
+        raise ValueError(f"cannot resume after {consumed} batches: the epoch has {total} ({list(budgets)})")
+    delivered = [0] * len(budgets)
+    rounds = itertools.chain.from_iterable(
+        (w for w in range(len(budgets)) if r < budgets[w]) for r in range(max(budgets, default=0)))
+    for worker in itertools.islice(rounds, consumed):
+        delivered[worker] += 1
+    following = next(rounds, 0)
+    return following, delivered
+
+
 def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -312,16 +348,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         num_samples: samples per epoch in ``resampled`` mode (default: the shards' total); in
             ``exact`` mode only used to estimate shard sizes the sources do not state.
         name: the split, for messages.
+        retries: times a remote shard that fails while being read is read again.
+        retry_delay: seconds before the first retry (doubling with each further one).
     """
 
     def __init__(self, shards: ShardSet, transform: Callable[[dict[str, Any], Generator | None], Any],
                  collate: Callable[[list[Any]], Any], *, mode: StreamMode, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, epoch: SharedEpoch | None = None,
                  errors: ErrorCounter | None = None, shuffle_buffer: int = 1000,
-                 num_samples: int | None = None, name: str = "train") -> None:
+                 num_samples: int | None = None, name: str = "train", retries: int = 2,
+                 retry_delay: float = 1.0) -> None:
         super().__init__()
         if mode not in ("exact", "resampled", "once"):
             raise ValueError(f"mode must be 'exact', 'resampled' or 'once', got {mode!r}")
+        if retries < 0 or retry_delay < 0:
+            raise ValueError(f"need retries >= 0 and retry_delay >= 0, got {retries} and {retry_delay}")
         if batch_size < 1 or num_workers < 0 or seed < 0 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1, num_workers >= 0, seed >= 0 and 0 <= rank < world_size; "
                              f"got {batch_size}, {num_workers}, {seed}, rank {rank} of {world_size}")
@@ -334,9 +375,26 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.workers_per_rank = max(1, num_workers)
         self.sizes = self._shard_sizes(num_samples)
         self.num_samples = shards.num_samples
+        self.retries, self.retry_delay = retries, retry_delay
         self.dropped_per_epoch = 0
         self.slots: list[list[int]] = []
         self.worker_budgets = self._plan(num_samples)
+        self.resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Make ``epoch`` continue after its first ``batches`` batches on this rank (0: from its start).
+
+        Set before the loader starts its workers; other epochs are not affected.
+        """
+        if batches and self.worker_budgets is None:
+            raise ValueError(f"{self.name}: cannot resume inside an epoch whose length is unknown")
+        if batches:
+            resume_order(self._rank_budgets(), batches)  # validates the count
+        self.resume = (epoch, batches) if batches else None
+
+    def _rank_budgets(self) -> list[int]:
+        start = self.rank * self.workers_per_rank
+        return list(self.worker_budgets[start:start + self.workers_per_rank])
 
     def _shard_sizes(self, num_samples: int | None) -> list[int] | None:
         if self.shards.sizes is not None:
@@ -415,16 +473,28 @@ class ShardStream(torch.utils.data.IterableDataset):
                                f"runs under {num_workers}: build the DataLoader with "
                                f"num_workers={self.num_workers}")
         epoch = self.epoch.value
-        slot = self.rank * self.workers_per_rank + worker
+        role, skip = self._role(epoch, worker)
+        slot = self.rank * self.workers_per_rank + role
         budget = None if self.worker_budgets is None else self.worker_budgets[slot]
         if self.mode == "resampled":
-            urls = self._resampled_urls(epoch, worker)
+            urls = self._resampled_urls(epoch, role)
         else:
             slots = shuffle_assignment(self.slots, self.sizes, self.seed, epoch) if self.mode == "exact" \
                 else self.slots
             shards = slots[slot]
             urls = partial(_fixed, [self.shards.urls[s] for s in shards])
-        return self._batches(urls, budget, epoch, worker)
+        if skip:
+            log.info("%s: rank %d worker %d skips %d batch(es) to resume epoch %d", self.name, self.rank,
+                     worker, skip, epoch)
+        return itertools.islice(self._batches(urls, budget, epoch, role), skip, None)
+
+    def _role(self, epoch: int, worker: int) -> tuple[int, int]:
+        """The worker whose stream this worker produces, and how many of its batches to drop (resuming)."""
+        if self.resume is None or self.resume[0] != epoch:
+            return worker, 0
+        following, delivered = resume_order(self._rank_budgets(), self.resume[1])
+        role = (following + worker) % self.workers_per_rank
+        return role, delivered[role]
 
     def _resampled_urls(self, epoch: int, worker: int) -> Callable[[int], list[str]]:
         probs = np.asarray(self.shards.weights, float) / sum(self.shards.weights)
@@ -459,9 +529,34 @@ class ShardStream(torch.utils.data.IterableDataset):
                 log.warning("%s: rank %d worker %d re-reads its shards for %d more batch(es) (bad samples "
                             "skipped)", self.name, self.rank, worker, budget - produced)
 
+    def _samples(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+        for url in urls:
+            yield from self._shard_samples(url)
+
+    def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
+        """The raw samples of one shard; a remote shard failing midway is re-read after what it gave."""
+        delivered = 0
+        for attempt in itertools.count():
+            try:
+                for index, sample in enumerate(_read_tar(url)):
+                    if index >= delivered:
+                        delivered += 1
+                        yield sample
+                return
+            except SKIPPABLE_ERRORS as exn:
+                if attempt < self.retries and _is_remote(url):
+                    log.warning("%s: shard %s failed after %d sample(s) (%s); reading it again "
+                                "(retry %d of %d)", self.name, url, delivered, _brief(exn), attempt + 1,
+                                self.retries)
+                    time.sleep(self.retry_delay * 2 ** attempt)
+                    continue
+                tries = f" after {attempt + 1} attempts" if attempt else ""
+                self.errors(ShardReadError(f"shard {url} failed{tries}: {_brief(exn)}; {delivered} sample(s) "
+                                           "read, the rest of the shard skipped"))
+                return
+
     def _pass(self, urls: Iterable[str], seeds: list[int]) -> Iterator[Any]:
-        stages: list[Any] = [partial(iter, [{"url": u} for u in urls]),
-                             wds.tarfile_to_samples(handler=self.errors)]
+        stages: list[Any] = [partial(self._samples, list(urls))]
         if self.shuffle_buffer > 1:
             shuffle_rng = random.Random(int(np.random.default_rng([*seeds, 1]).integers(1 << 62)))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
@@ -475,6 +570,38 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 def _fixed(urls: list[str], pass_index: int) -> list[str]:
     return urls
+
+
+def _read_tar(url: str) -> Iterator[dict[str, Any]]:
+    """Complete samples of one shard in tar order; any read error is raised (the caller retries).
+
+    A ``pipe:`` command's exit status is checked once the shard has been read (webdataset checks it
+    only while reading, so a command failing at its very end could otherwise pass unnoticed).
+    """
+    from webdataset import tariterators
+
+    stream = wds.gopen(url)
+    complete = False
+    try:
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
+        yield from tariterators.group_by_keys(files, handler=_raise)
+        complete = True
+    finally:
+        if complete:
+            stream.close()
+        else:  # failed, or abandoned by the reader: the error that stopped it (if any) is the one to report
+            with contextlib.suppress(Exception):
+                stream.close()
+
+
+def _raise(exn: Exception) -> bool:
+    raise exn
+
+
+def _brief(exn: Exception, limit: int = 300) -> str:
+    """An exception's own message (webdataset appends the stream and url to ``args``)."""
+    text = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def make_loader(stream: ShardStream, *, pin_memory: bool = False, persistent_workers: bool = False,

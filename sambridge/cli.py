@@ -48,6 +48,16 @@ class SambridgeCLI(LightningCLI):
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size",
                               apply_on="parse")
 
+    def parse_arguments(self, parser, args) -> None:  # noqa: D102
+        from sambridge.checkpointing import AUTO, check_checkpoint
+
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        requested = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if requested is not None and str(requested) not in (AUTO, *LIGHTNING_CKPT_ALIASES) and \
+                "://" not in str(requested):
+            check_checkpoint(requested)  # before Lightning unpickles it for its hyper-parameters
+
     def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
         from sambridge.checkpointing import use_atomic_checkpoint_io
 
@@ -68,7 +78,7 @@ class SambridgeCLI(LightningCLI):
         self._resolve_ckpt_path()
 
     def _resolve_ckpt_path(self) -> None:
-        from sambridge.checkpointing import AUTO, check_checkpoint, resolve_resume_checkpoint
+        from sambridge.checkpointing import AUTO, resolve_resume_checkpoint
 
         config = self.config_init[self.subcommand]
         requested = config.get("ckpt_path")
@@ -82,9 +92,6 @@ class SambridgeCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path {AUTO}: " + (f"resuming from {found}" if found else
                                                       "no checkpoint in the run directory, starting afresh"))
             config["ckpt_path"] = None if found is None else str(found)
-        elif requested is not None and str(requested) not in LIGHTNING_CKPT_ALIASES and \
-                "://" not in str(requested):
-            check_checkpoint(requested)
 
 
 def run_directories(trainer: Trainer) -> list[Path]:

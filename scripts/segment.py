@@ -56,16 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         found = segmenter.segment(image, phrases)
     detections = [Detection(mask=s.mask, label=f"{phrase} {s.score:.2f}", box_xyxy=s.box_xyxy, colour_index=q)
-                  for q, (phrase, segments) in enumerate(zip(phrases, found)) for s in segments]
+                  for q, (phrase, segments) in enumerate(zip(phrases, found, strict=True)) for s in segments]
     draw_detections(image, detections).save(args.out)
-    for phrase, segments in zip(phrases, found):
+    for phrase, segments in zip(phrases, found, strict=True):
         print(f"{phrase!r}: {len(segments)} instance(s)" +
               (f", scores {', '.join(f'{s.score:.2f}' for s in segments[:10])}" if segments else ""))
     if args.json:
         records = [{"phrase": phrase, "score": s.score, "segmentation": encode_mask(s.mask),
                     "bbox": [s.box_xyxy[0], s.box_xyxy[1], s.box_xyxy[2] - s.box_xyxy[0],
                              s.box_xyxy[3] - s.box_xyxy[1]]}
-                   for phrase, segments in zip(phrases, found) for s in segments]
+                   for phrase, segments in zip(phrases, found, strict=True) for s in segments]
         Path(args.json).write_text(json.dumps(records))
     print(f"overlay: {args.out}")
     return 0

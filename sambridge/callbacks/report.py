@@ -12,7 +12,14 @@ from lightning.pytorch.callbacks import Callback
 from data_pipelines.batch import GroundingBatch
 from sambridge.metrics import DEFAULT_SCORE_THRESHOLD, mask_ious, match_query
 from sambridge.metrics.cgf1 import local_f1
-from sambridge.report import QueryView, log_figure, query_grid_figure, rank_queries, save_figure, write_phrase_table
+from sambridge.report import (
+    QueryView,
+    log_figure,
+    query_grid_figure,
+    rank_queries,
+    save_figure,
+    write_phrase_table,
+)
 from sambridge.visualize import to_uint8_image
 
 

@@ -22,7 +22,8 @@ class Throughput(Callback):
       ~0.1 the accelerators starve (more ``num_workers``, faster or closer storage, cheaper decoding);
     * ``train_step_s``: mean wall time of a step (compute, with the device synchronised at its end).
 
-    Gaps holding a validation, an epoch end or a checkpoint write are left out. The device is
+    Batches after a gap holding a validation, an epoch end or a checkpoint write are left out (their
+    wait is unknown), as is the first batch of the run. The device is
     synchronised at the end of each step so that asynchronous CUDA work is charged to the step, not to
     the wait that follows it. ``last_metrics`` holds the latest values.
 
@@ -36,7 +37,7 @@ class Throughput(Callback):
             raise ValueError(f"window must be at least 1, got {window}")
         self.window, self.synchronize = window, synchronize
         self._last_end: float | None = None
-        self._start = 0.0
+        self._start, self._timed = 0.0, False
         self.last_metrics: dict[str, float] = {}
         self._reset()
 
@@ -51,7 +52,8 @@ class Throughput(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._start = time.perf_counter()
-        if self._last_end is not None:
+        self._timed = self._last_end is not None
+        if self._timed:
             self.wait += self._start - self._last_end
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -62,11 +64,13 @@ class Throughput(Callback):
         if self.synchronize and pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         end = time.perf_counter()
+        self._last_end = end
+        if not self._timed:
+            return
         self.busy += end - self._start
         self.batches += 1
         self.images += batch.num_images
         self.queries += batch.num_queries
-        self._last_end = end
         if self.batches >= (self.window or trainer.log_every_n_steps):
             self._log(trainer, pl_module)
             self._reset()

@@ -1,7 +1,8 @@
 """Models: Grounded SAM2 (SAM2 + SAM3's grounding head), its parts, registry and LoRA helpers.
 
-``sambridge.models.variants`` registers the built-in variants; it is imported here so that
-``create_model`` knows them as soon as this package is imported.
+``sambridge.models.variants`` registers the built-in variants and ``sambridge.models.sam3_teacher``
+the SAM3 teachers; both are imported here so that ``create_model`` knows them as soon as this
+package is imported.
 """
 
 from sambridge.models import variants
@@ -17,6 +18,8 @@ from sambridge.models.lora import (
     save_adapters,
 )
 from sambridge.models.registry import create_model, list_models, register_model
+from sambridge.models.sam3_teacher import SAM3Teacher, load_sam3_checkpoint, load_teacher
+from sambridge.models.standalone import load_student, save_student
 from sambridge.models.variants import build_grounded_sam2
 from sambridge.models.vision import Sam2VisionAdapter, VisionAdapter
 
@@ -27,6 +30,7 @@ __all__ = [
     "GroundedSAM2",
     "HeadConfig",
     "LoraSettings",
+    "SAM3Teacher",
     "Sam2VisionAdapter",
     "VisionAdapter",
     "apply_finetune_mode",
@@ -35,8 +39,12 @@ __all__ = [
     "create_model",
     "list_models",
     "load_adapters",
+    "load_sam3_checkpoint",
+    "load_student",
+    "load_teacher",
     "merge_lora",
     "register_model",
     "save_adapters",
+    "save_student",
     "variants",
 ]

@@ -1,7 +1,8 @@
 """Fine-tuning modes for ``GroundedSAM2`` and LoRA through peft.
 
-Modes (``apply_finetune_mode``); the text tower keeps its own frozen/trainable setting in all
-of them and its output projection (``resizer``) always trains:
+Modes (``apply_finetune_mode``); an open_clip text tower keeps its own frozen/trainable setting
+in all of them (SAM3's own text encoder, in SAM3 teachers, follows the mode like every other part)
+and the text encoder's output projection (``resizer``) always trains:
 
 * ``full``: everything trains.
 * ``frozen_encoder``: SAM2's Hiera trunk and both FPN necks are frozen; head and SAM2 decoder train.
@@ -32,6 +33,7 @@ from torch import nn
 from sambridge.models.checkpoint_io import CheckpointError, check_state_dict
 from sambridge.models.grounded_sam2 import ADAPTER_MARKER, GroundedSAM2
 from sambridge.models.grounding_head import HEAD_MODULES
+from sambridge.models.text_encoder import OpenClipTextEncoder
 
 FinetuneMode = Literal["full", "frozen_encoder", "lora"]
 
@@ -123,7 +125,9 @@ def apply_finetune_mode(
         mode: ``"full"``, ``"frozen_encoder"`` or ``"lora"``.
         lora: LoRA settings (or their fields as a dict) for ``"lora"``; ignored otherwise.
     """
-    text_frozen = model.text_encoder.frozen
+    text = model.text_encoder
+    own_setting = isinstance(text, OpenClipTextEncoder)
+    text_frozen = text.frozen if own_setting else False
     if mode == "lora":
         if not has_lora(model):
             apply_lora(model, LoraSettings(**lora) if isinstance(lora, dict) else lora or LoraSettings())
@@ -139,8 +143,9 @@ def apply_finetune_mode(
             model.vision.requires_grad_(False)
     else:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; choose full, frozen_encoder or lora")
-    model.text_encoder.set_frozen(text_frozen)
-    model.text_encoder.resizer.requires_grad_(True)
+    if own_setting:
+        text.set_frozen(text_frozen)
+    text.resizer.requires_grad_(True)
     return model
 
 

@@ -23,7 +23,8 @@ class BaseTask(pl.LightningModule):
     encoder of ``self.model`` (:mod:`sambridge.acceleration`). Each training step reseeds torch
     from (seed, epoch, batch, rank), so dropout and drop-path masks do not depend on what ran before
     the step (validation, loader start-up) and a resumed run draws the same masks as an
-    uninterrupted one (the seed is the run's ``seed_everything``).
+    uninterrupted one (the seed is the run's ``seed_everything``); training steps run TorchScript
+    functions unoptimised, so a new process computes its first steps like an old one its later ones.
 
     Args:
         optimizer: learning rates, parameter groups, warm-up and cosine schedule.
@@ -68,8 +69,18 @@ class BaseTask(pl.LightningModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ Lightning plumbing
+    def setup(self, stage: str) -> None:
+        # Adam moments of parameters that get no gradient (e.g. unused rows of a text tower's
+        # token table) decay into denormal floats, which make CPU float ops ~100x slower: on a
+        # CPU that was two thirds of a tiny model's step. Flushing them to zero changes nothing else.
+        torch.set_flush_denormal(True)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")["loss"]
+        # TorchScript functions (sam3's box IoUs in the loss) switch to their own autodiff after their
+        # first calls in a process, which rounds gradients differently; unoptimised, every step of every
+        # process computes the same way, so a resumed run matches an uninterrupted one
+        with torch.jit.optimized_execution(False):
+            return self._shared_step(batch, "train")["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         return self._shared_step(batch, "val")

@@ -80,7 +80,7 @@ class DistillModule(GroundingModule):
         lora: adapter settings for ``finetune: lora``.
         loss: ground-truth loss weights (SAM3 detector + SAM2 refinement recipe).
         optimizer: learning rates, parameter groups, warm-up and cosine schedule.
-        predict: post-processing for validation metrics, test and ``predict``.
+        prediction: post-processing for validation metrics, test and ``predict``.
         image_size: the data pipeline's canvas size (linked from the data module); each model
             resizes the canvas to its own input size (``model_args.image_size`` for the student).
     """
@@ -103,7 +103,7 @@ class DistillModule(GroundingModule):
         lora: LoraSettings | None = None,
         loss: GroundingLossWeights | None = None,
         optimizer: OptimizerConfig | None = None,
-        predict: PredictSettings | None = None,
+        prediction: PredictSettings | None = None,
         image_size: int | None = None,
     ) -> None:
         super().__init__(
@@ -115,7 +115,7 @@ class DistillModule(GroundingModule):
             lora=lora,
             loss=loss,
             optimizer=optimizer,
-            predict=predict,
+            prediction=prediction,
             image_size=image_size,
         )
 
@@ -139,7 +139,7 @@ class DistillModule(GroundingModule):
         if hp.init_head_from_teacher:
             init_head_from(self.model, teacher, source=f"teacher {hp.teacher!r}")
         apply_finetune_mode(self.model, hp.finetune, lora=config_arg(hp.lora, LoraSettings))
-        self.predict_settings = config_arg(hp.predict, PredictSettings)
+        self.predict_settings = config_arg(hp.prediction, PredictSettings)
         keep = hp.mode == "online" or self._uses("text_")
         object.__setattr__(self, "teacher", teacher if keep else None)  # outside the module tree (see above)
         self.teacher_dim = self._teacher_dim(teacher)

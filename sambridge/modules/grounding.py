@@ -77,7 +77,8 @@ class GroundingModule(BaseTask):
         lora: adapter settings for ``finetune: lora``.
         loss: loss weights.
         optimizer: learning rates, parameter groups, warm-up and cosine schedule.
-        predict: post-processing for validation metrics, test and ``predict``.
+        prediction: post-processing for validation metrics, test and ``predict`` (not named
+            ``predict``: that is the data module's predict split, and Lightning merges both).
         image_size: model input size (square, multiple of 32); linked to the data module's.
     """
 
@@ -88,7 +89,7 @@ class GroundingModule(BaseTask):
                  sam2_checkpoint: str | None = None, sam3_checkpoint: str | None = None,
                  finetune: FinetuneMode = "full", lora: LoraSettings | None = None,
                  loss: GroundingLossWeights | None = None, optimizer: OptimizerConfig | None = None,
-                 predict: PredictSettings | None = None, image_size: int | None = None) -> None:
+                 prediction: PredictSettings | None = None, image_size: int | None = None) -> None:
         super().__init__(optimizer=optimizer, image_size=image_size)
 
     # ------------------------------------------------------------------ configuration
@@ -102,7 +103,7 @@ class GroundingModule(BaseTask):
         self.model = create_model(hp.model, sam2_checkpoint=hp.sam2_checkpoint,
                                   sam3_checkpoint=hp.sam3_checkpoint, **overrides)
         apply_finetune_mode(self.model, hp.finetune, lora=hp.lora or LoraSettings())
-        self.predict_settings = hp.predict or PredictSettings()
+        self.predict_settings = hp.prediction or PredictSettings()
 
     def configure_losses(self) -> None:
         from sambridge.losses import GroundingLoss

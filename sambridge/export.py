@@ -1,0 +1,166 @@
+"""``sambridge export``: a training checkpoint -> a standalone student file.
+
+    sambridge export --checkpoint runs/distill/checkpoints/last.ckpt --out student.pt
+
+Reads a Lightning checkpoint of a ``DistillModule`` or ``GroundingModule`` (``weights_only``: only
+sambridge's own config dataclasses are allowed besides plain data), rebuilds the trained model from
+its registered name and build arguments, merges LoRA adapters, and writes weights + name + build
+arguments (:mod:`sambridge.models.standalone`). The file is then loaded back and must predict
+exactly what the trained model predicts, or nothing is written. Load it with
+``sambridge.models.load_student(path)``: no teacher, optimiser state or Lightning needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from sambridge.models.checkpoint_io import CheckpointError, load_state_dict_strict, read_weights
+
+STUDENT_SPEC_KEY = "sambridge_student"
+"""Checkpoint entry ``{"model": name, "model_args": {...}}`` naming the trained model (``DistillModule``
+writes it); without it the ``GroundingModule`` hyper-parameters are read (``image_size`` is the model's)."""
+
+_MODEL_PREFIX = "model."
+_PROBE_PHRASES = ("object", "red thing")
+
+
+def config_dataclasses() -> list[type]:
+    """sambridge's config dataclasses that Lightning pickles into ``hyper_parameters``."""
+    from sambridge.losses.distill import DistillWeights
+    from sambridge.models.grounding_head import HeadConfig
+    from sambridge.models.lora import LoraSettings
+    from sambridge.modules.grounding import GroundingLossWeights, PredictSettings
+    from sambridge.optim import OptimizerConfig
+
+    return [OptimizerConfig, LoraSettings, GroundingLossWeights, PredictSettings, DistillWeights, HeadConfig]
+
+
+def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning checkpoint read with ``weights_only=True`` (plus sambridge's config dataclasses)."""
+    with torch.serialization.safe_globals(config_dataclasses()):
+        blob = read_weights(path, "Lightning checkpoint")
+    if not isinstance(blob, dict) or "state_dict" not in blob or "hyper_parameters" not in blob:
+        keys = sorted(blob)[:5] if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint of a sambridge module (top level: {keys})"
+        )
+    return blob
+
+
+def trained_model_spec(checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(registered name, ``create_model`` overrides) of the model a checkpoint trained."""
+    if STUDENT_SPEC_KEY in checkpoint:
+        spec = checkpoint[STUDENT_SPEC_KEY]
+        return spec["model"], dict(spec["model_args"])
+    hparams = checkpoint["hyper_parameters"]
+    if "model" not in hparams:
+        raise CheckpointError(f"checkpoint hyper-parameters name no model (keys: {sorted(hparams)})")
+    args = dict(hparams.get("model_args") or {})
+    if hparams.get("image_size") is not None:
+        args["image_size"] = hparams["image_size"]
+    return hparams["model"], args
+
+
+def _check_rebuildable(model_args: dict[str, Any], model: nn.Module) -> None:
+    """Refuse weight sources that also change the architecture (a student file could not rebuild it)."""
+    tag, text_model = model_args.get("text_pretrained"), getattr(model.text_encoder, "model_name", None)
+    if (
+        isinstance(tag, str)
+        and text_model
+        and open_clip.get_pretrained_cfg(text_model, tag).get("quick_gelu")
+    ):
+        raise CheckpointError(
+            f"text_pretrained={tag!r} gives {text_model!r} QuickGELU activations, which a student file "
+            "cannot record yet; train with the weight file path instead"
+        )
+
+
+def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The trained model of a Lightning checkpoint (LoRA merged, eval mode), its name and build arguments.
+
+    Args:
+        path: Checkpoint of a ``DistillModule`` or ``GroundingModule``.
+    """
+    from sambridge.models import apply_finetune_mode, create_model, merge_lora
+    from sambridge.models.lora import LoraSettings
+    from sambridge.models.standalone import architecture_args
+
+    checkpoint = read_lightning_checkpoint(path)
+    name, model_args = trained_model_spec(checkpoint)
+    model = create_model(name, **architecture_args(model_args))
+    _check_rebuildable(model_args, model)
+    hparams = checkpoint["hyper_parameters"]
+    lora = hparams.get("finetune") == "lora"
+    if lora:
+        apply_finetune_mode(model, "lora", lora=hparams.get("lora") or LoraSettings())
+    state = {
+        k[len(_MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_MODEL_PREFIX)
+    }
+    load_state_dict_strict(model, state, f"checkpoint {path} ({_MODEL_PREFIX}* entries)")
+    if lora:
+        merge_lora(model)
+    return model.eval(), name, model_args
+
+
+@torch.no_grad()
+def _probe(model: nn.Module) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, model.image_size, model.image_size, generator=generator)
+    out = model(images, list(_PROBE_PHRASES), torch.zeros(len(_PROBE_PHRASES), dtype=torch.long))
+    return {k: out[k] for k in ("pred_logits", "pred_boxes", "pred_masks", "presence_logit_dec")}
+
+
+def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the trained model of ``checkpoint`` as a student file and check that it reloads exactly.
+
+    Returns:
+        The written path.
+
+    Raises:
+        CheckpointError: unreadable checkpoint, or a file that would not reproduce the model
+            (then nothing is left at ``out``).
+    """
+    from sambridge.models.standalone import load_student, save_student
+
+    model, name, model_args = model_from_checkpoint(checkpoint)
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out or remove it first")
+    save_student(model, name, model_args, out)
+    expected, reloaded = _probe(model), _probe(load_student(out))
+    differ = [k for k in expected if not torch.equal(expected[k], reloaded[k])]
+    if differ:
+        out.unlink()
+        raise CheckpointError(
+            f"the exported {name!r} does not reproduce the trained model ({differ} differ); "
+            "nothing was written"
+        )
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sambridge export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint (.ckpt) of a training run")
+    parser.add_argument(
+        "--out", required=True, help="student file: .safetensors, or a torch.save file such as student.pt"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sambridge export``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    path = export_student(args.checkpoint, args.out)
+    print(
+        f"student written to {path} ({path.stat().st_size / 2**20:.1f} MiB); "
+        f"load it with sambridge.models.load_student({str(path)!r})"
+    )
+    return 0

@@ -1,0 +1,113 @@
+"""Standalone student files: a trained grounding model that loads without Lightning, the teacher or
+the training code's optimiser state.
+
+A student file holds the model's weights (plain tensors), the registered model name and the
+``create_model`` overrides that rebuild its architecture (JSON). Two containers, chosen by suffix:
+
+* ``.safetensors``: the tensors, with ``{"format", "model", "model_args"}`` in the header metadata;
+* anything else (e.g. ``student.pt``): a ``torch.save`` dict ``{"format", "model", "model_args",
+  "state_dict"}`` of tensors and strings only, so ``torch.load(..., weights_only=True)`` reads it.
+
+``model_args`` never name weight files (they are applied already): ``load_student`` builds the
+architecture from random weights and loads the file strictly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sambridge.models.checkpoint_io import CheckpointError, load_state_dict_strict
+from sambridge.models.registry import create_model
+
+STUDENT_FORMAT = "sambridge-student-v1"
+
+WEIGHT_SOURCE_ARGS = ("sam2_checkpoint", "sam3_checkpoint", "text_pretrained", "timm_pretrained")
+"""Builder arguments that only say where initial weights come from; a student file replaces them."""
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot store build argument of type {type(value).__name__} in a student file")
+
+
+def architecture_args(model_args: dict[str, Any]) -> dict[str, Any]:
+    """``model_args`` without the weight-source arguments, as JSON-compatible values."""
+    kept = {k: v for k, v in model_args.items() if k not in WEIGHT_SOURCE_ARGS}
+    return json.loads(json.dumps(kept, default=_jsonable))
+
+
+def save_student(model: nn.Module, name: str, model_args: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``model``'s weights with the registered ``name`` and architecture ``model_args`` (atomically).
+
+    Args:
+        model: The trained model (LoRA adapters merged already).
+        name: Its registered name (``create_model(name, **model_args)`` rebuilds the architecture).
+        model_args: Overrides of the registered defaults; weight-source arguments are dropped.
+        path: Output file; ``.safetensors`` or a ``torch.save`` file (see the module docstring).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    args_json = json.dumps(architecture_args(model_args), sort_keys=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        save_file(
+            state, str(tmp), metadata={"format": STUDENT_FORMAT, "model": name, "model_args": args_json}
+        )
+    else:
+        torch.save(
+            {"format": STUDENT_FORMAT, "model": name, "model_args": args_json, "state_dict": state}, tmp
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def read_student(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """(registered name, architecture overrides, state dict) of a student file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"student file not found: {path}")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        try:
+            header = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors come in many types
+            raise CheckpointError(f"cannot read student file {path}: {err}") from err
+        state = header.get("state_dict") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or header.get("format") != STUDENT_FORMAT or not isinstance(state, dict):
+        found = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise CheckpointError(
+            f"{path} is not a sambridge student file (format {found!r}, expected "
+            f"{STUDENT_FORMAT!r}); write one with `sambridge export`"
+        )
+    return header["model"], json.loads(header["model_args"]), state
+
+
+def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild and load a student file written by ``save_student`` / ``sambridge export``; eval mode.
+
+    Args:
+        path: The student file.
+        device: Where the model goes.
+    """
+    name, model_args, state = read_student(path)
+    model = create_model(name, **model_args)
+    load_state_dict_strict(model, state, f"student file {path}")
+    return model.eval().to(device)

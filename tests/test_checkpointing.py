@@ -1,0 +1,144 @@
+"""Checkpoint files: atomic writes, truncation detection, newest-complete resolution, the CLI's writer."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from sambridge.checkpointing import (
+    AtomicCheckpointIO,
+    check_checkpoint,
+    find_checkpoints,
+    next_hpc_checkpoint_path,
+    resolve_resume_checkpoint,
+)
+from sambridge.models.checkpoint_io import CheckpointError
+
+
+def checkpoint(step: int) -> dict:
+    return {"global_step": step, "state_dict": {"w": torch.full((64, 64), float(step))}}
+
+
+def saved(path: Path, step: int, mtime: float | None = None) -> Path:
+    AtomicCheckpointIO().save_checkpoint(checkpoint(step), path)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def step_of(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def test_an_interrupted_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = saved(tmp_path / "last.ckpt", 1)
+    real_save = torch.save
+
+    def dies_halfway(obj, file, *args, **kwargs):
+        real_save(obj, file, *args, **kwargs)
+        file.truncate(file.tell() // 2)
+        raise KeyboardInterrupt  # the job is killed while the bytes are being written
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint(checkpoint(2), path)
+    monkeypatch.undo()
+    check_checkpoint(path)
+    assert step_of(path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_the_temporary_file_is_renamed_within_the_target_directory(tmp_path, monkeypatch):
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))),
+                                                         real_replace(src, dst)))
+    path = saved(tmp_path / "run" / "step=3.ckpt", 3)
+    assert step_of(path) == 3
+    (source, target), = renames
+    assert source.parent == target.parent == path.parent  # same file system: the rename is atomic
+
+
+def test_lightning_default_writer_stages_checkpoints_in_the_system_temp_directory(tmp_path):
+    """Why sambridge installs its own writer: fsspec's local transaction writes to the system temp
+    directory and moves the file afterwards, a copy when the run directory is on another file system."""
+    target = tmp_path / "x.ckpt"
+    fs = fsspec.filesystem("file")
+    with fs.transaction:
+        with fs.open(str(target), "wb") as file:
+            file.write(b"data")
+            staged = Path(file.temp)
+    assert staged.parent == Path(tempfile.gettempdir()) != target.parent
+    assert target.read_bytes() == b"data"
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.99])
+def test_truncated_checkpoints_are_detected(tmp_path, keep):
+    path = saved(tmp_path / "a.ckpt", 7)
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="truncated"):
+        check_checkpoint(path)
+
+
+def test_other_broken_checkpoints_are_detected(tmp_path):
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"text\.ckpt is truncated or corrupt"):
+        check_checkpoint(tmp_path / "text.ckpt")
+    with pytest.raises(CheckpointError, match="not found"):
+        check_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "sharded.ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="meta.pt"):
+        check_checkpoint(tmp_path / "sharded.ckpt")
+    torch.save({"step": 1}, tmp_path / "sharded.ckpt" / "meta.pt")
+    check_checkpoint(tmp_path / "sharded.ckpt")
+
+
+def test_the_newest_complete_checkpoint_is_chosen_and_broken_newer_ones_are_named(tmp_path):
+    old = saved(tmp_path / "lightning_logs/version_0/checkpoints/step=2.ckpt", 2, mtime=1000)
+    middle = saved(tmp_path / "lightning_logs/version_0/checkpoints/step=4.ckpt", 4, mtime=2000)
+    newest = saved(tmp_path / "hpc_ckpt_1.ckpt", 5, mtime=3000)
+    assert find_checkpoints([tmp_path]) == [newest.resolve(), middle.resolve(), old.resolve()]
+    assert resolve_resume_checkpoint([tmp_path]) == newest.resolve()
+
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match=r"hpc_ckpt_1\.ckpt is truncated.*resuming from an older checkpoint"):
+        assert resolve_resume_checkpoint([tmp_path]) == middle.resolve()
+
+    for path in (old, middle):
+        path.write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_resume_checkpoint([tmp_path])
+    assert resolve_resume_checkpoint([tmp_path / "empty"]) is None
+
+
+def test_hpc_checkpoints_are_numbered_after_the_highest(tmp_path):
+    assert next_hpc_checkpoint_path(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+    for n in (1, 3):
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").touch()
+    assert next_hpc_checkpoint_path(tmp_path) == tmp_path / "hpc_ckpt_4.ckpt"
+
+
+def test_the_cli_trainer_writes_checkpoints_atomically(tmp_path):
+    from sambridge.cli import lightning_cli
+
+    repo = Path(__file__).resolve().parents[1]
+    cli = lightning_cli(["--config", str(repo / "configs/demo/grounding_tiny.yaml"),
+                         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+def test_an_explicit_broken_ckpt_path_is_refused_before_loading(tmp_path):
+    from sambridge.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(CheckpointError, match=r"broken\.ckpt is truncated or corrupt"):
+        main(["fit", "--config", str(repo / "configs/demo/grounding_tiny.yaml"), "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(broken)])

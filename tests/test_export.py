@@ -1,0 +1,135 @@
+"""``sambridge export``: checkpoint -> standalone student file -> ``load_student`` predicts the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipelines.batch import GroundingBatch
+from sambridge.cli import main
+from sambridge.export import export_student
+from sambridge.models import load_student
+from sambridge.models.checkpoint_io import CheckpointError
+from sambridge.models.lora import has_lora
+from sambridge.models.standalone import STUDENT_FORMAT, read_student
+from sambridge.modules import DistillModule, GroundingModule
+
+
+def fit_one_step(module: pl.LightningModule, batch: GroundingBatch, path: Path) -> Path:
+    """One real optimisation step, then a real Lightning checkpoint (optimizer state and all)."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
+    trainer.save_checkpoint(path)
+    return path
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batch: GroundingBatch) -> dict[str, torch.Tensor]:
+    model.eval()
+    out = model(batch.images, batch.phrases, batch.query_image)
+    post = model.postprocess(out, top_k=5, score_threshold=0.0)
+    return {
+        "pred_logits": out["pred_logits"],
+        "pred_boxes": out["pred_boxes"],
+        "pred_masks": out["pred_masks"],
+        "presence": out["presence_logit_dec"],
+        "masks": post["masks"],
+        "scores": post["scores"],
+    }
+
+
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory, make_batch) -> tuple[DistillModule, Path]:
+    torch.manual_seed(0)
+    module = DistillModule(model="grounded_sam2_student_tiny", model_args={"image_size": 96})
+    path = fit_one_step(module, make_batch(), tmp_path_factory.mktemp("distill") / "last.ckpt")
+    return module, path
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_export_then_load_predicts_exactly_like_the_module(distill_run, grounding_batch, tmp_path, suffix):
+    module, checkpoint = distill_run
+    out = export_student(checkpoint, tmp_path / f"student{suffix}")
+    student = load_student(out)
+    assert type(student) is type(module.model) and student.image_size == 96 and not student.training
+    expected, got = predict(module.model, grounding_batch), predict(student, grounding_batch)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    name, model_args, state = read_student(out)
+    assert name == "grounded_sam2_student_tiny" and model_args == {"image_size": 96}
+    assert state.keys() == module.model.state_dict().keys()  # no teacher, no distillation adapters
+
+
+def test_torch_save_student_file_is_plain_tensors_and_strings(distill_run, tmp_path):
+    out = export_student(distill_run[1], tmp_path / "student.pt")
+    blob = torch.load(out, weights_only=True)
+    assert blob["format"] == STUDENT_FORMAT and isinstance(blob["model_args"], str)
+    assert all(isinstance(v, torch.Tensor) for v in blob["state_dict"].values())
+
+
+def test_lora_checkpoint_exports_a_merged_plain_model(grounding_batch, tmp_path):
+    torch.manual_seed(0)
+    module = GroundingModule(model="grounded_sam2_tiny", finetune="lora", image_size=96)
+    checkpoint = tmp_path / "lora.ckpt"
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader([grounding_batch], batch_size=None))
+    with torch.no_grad():  # make the adapters matter (one warm-up step barely moves them)
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    trainer.save_checkpoint(checkpoint)
+    student = load_student(export_student(checkpoint, tmp_path / "student.safetensors"))
+    assert not has_lora(student) and student.image_size == 96
+    expected, got = predict(module.model, grounding_batch), predict(student, grounding_batch)
+    for name in ("pred_logits", "pred_boxes", "pred_masks", "presence"):
+        assert torch.allclose(expected[name], got[name], atol=1e-4), name
+
+
+def test_cli_export_and_its_errors(distill_run, tmp_path, capsys):
+    out = tmp_path / "student.pt"
+    main(["export", "--checkpoint", str(distill_run[1]), "--out", str(out)])
+    assert "student written to" in capsys.readouterr().out and out.is_file()
+    with pytest.raises(FileExistsError, match="student.pt exists"):
+        main(["export", "--checkpoint", str(distill_run[1]), "--out", str(out)])
+    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+        export_student(out, tmp_path / "again.pt")  # a student file is not a training checkpoint
+    with pytest.raises(CheckpointError, match="Lightning checkpoint not found: .*nope.ckpt"):
+        export_student(tmp_path / "nope.ckpt", tmp_path / "again.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a sambridge student file"):
+        load_student(tmp_path / "other.pt")
+
+
+def test_a_text_tag_that_changes_the_architecture_is_refused(tmp_path):
+    args = {
+        "text_model": "ViT-B-32",
+        "text_pretrained": "openai",
+        "text_cfg": {"width": 32, "heads": 2, "layers": 1},
+    }
+    checkpoint = tmp_path / "quick_gelu.ckpt"
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": {"model": "grounded_sam2_tiny", "model_args": args}},
+        checkpoint,
+    )
+    with pytest.raises(CheckpointError, match="text_pretrained='openai' gives 'ViT-B-32' QuickGELU"):
+        export_student(checkpoint, tmp_path / "student.pt")
+    assert not (tmp_path / "student.pt").exists()
