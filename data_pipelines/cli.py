@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "instance-folders": ("data_pipelines.convert.instance_folders",
                          "images + a folder of binary masks per image (one file per instance) -> shards"),
     "synthetic": ("data_pipelines.synthetic", "generate synthetic shards"),
+    "orchard": ("data_pipelines.orchard", "generate orchard-like field images (unlabelled folder or labelled shards)"),
     "pseudo-label": ("data_pipelines.pseudo_label", "label images or shards with a SAM3 teacher -> shards"),
     "inspect": ("data_pipelines.inspect",
                 "validate shards against their manifest, print statistics, draw a grid"),

@@ -4,9 +4,11 @@
 
 1. validate the record against the schema (errors name the shard, sample and field);
 2. choose queries (:class:`QueryPolicy`): at most ``max_queries`` (positives preferred), and in
-   training extra negative phrases from the vocabulary, only for images whose queries are all
-   exhaustive and never a phrase the image was already asked;
-3. decode the image and the chosen queries' masks, augment both through one geometry
+   training extra negative phrases from the vocabulary (look-alikes of the positives first), only
+   for images whose queries are all exhaustive and never a phrase the image was already asked or
+   one its positives imply;
+3. decode the image (in training, cut large images to a random full-resolution crop first) and
+   the chosen queries' masks, augment both through one geometry
    (``data_pipelines.augment``), drop instances left with too few pixels and recompute tight
    boxes; a positive whose instances all vanished becomes a negative if its query is
    exhaustive and is dropped otherwise;
@@ -55,6 +57,8 @@ from data_pipelines.schema import (
     normalize_phrase,
     sample_from_wds,
 )
+from data_pipelines.tiling import CropConfig, random_training_crop
+from data_pipelines.vocab import Vocabulary
 
 TEACHER_VALID = "valid"
 MIRRORED_WORDS = re.compile(r"\b(left|right)\b")
@@ -68,15 +72,26 @@ class QueryPolicy:
         max_queries: at most this many queries per image, added negatives included.
         negatives_per_image: extra negative phrases per exhaustively labelled image (training).
         vocabulary: phrases to draw extra negatives from.
+        concepts: the vocabulary's concepts (``data_pipelines.vocab``): added negatives then never
+            contradict a positive (no parent, child or synonym of a phrase present in the image),
+            and up to ``hard_negatives_per_image`` of them are look-alikes of the positives.
+        hard_negatives_per_image: of the added negatives, at most this many are look-alikes
+            (``!`` in the vocabulary file) of the image's positive phrases; the rest are drawn
+            from ``vocabulary`` at random. Only look-alikes that are concepts of the vocabulary
+            are asked: an exhaustively labelled image is taken to be labelled for the vocabulary's
+            concepts, not for every phrase named after a ``!`` ("leaf" on an orchard image).
     """
 
     max_queries: int = 16
     negatives_per_image: int = 0
     vocabulary: tuple[str, ...] = ()
+    concepts: Vocabulary | None = None
+    hard_negatives_per_image: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_queries < 1 or self.negatives_per_image < 0:
-            raise ValueError(f"need max_queries >= 1 and negatives_per_image >= 0, got {self}")
+        if self.max_queries < 1 or self.negatives_per_image < 0 or self.hard_negatives_per_image < 0:
+            raise ValueError(f"need max_queries >= 1, negatives_per_image >= 0 and hard_negatives_per_image >= 0, "
+                             f"got {self}")
 
     def select(self, queries: Sequence[Query],
                rng: np.random.Generator | None) -> list[tuple[int | None, Query]]:
@@ -94,17 +109,27 @@ class QueryPolicy:
         chosen: list[tuple[int | None, Query]] = [(i, queries[i]) for i in kept]
         room = min(self.negatives_per_image, self.max_queries - len(chosen))
         if rng is not None and room > 0 and queries and all(q.exhaustive for q in queries):
-            asked = {normalize_phrase(q.phrase) for q in queries}
             chosen += [(None, Query(phrase=p, instances=[], exhaustive=True))
-                       for p in self._draw_negatives(asked, room, rng)]
+                       for p in self._draw_negatives(queries, room, rng)]
         return chosen
 
-    def _draw_negatives(self, asked: set[str], count: int, rng: np.random.Generator) -> list[str]:
+    def _draw_negatives(self, queries: Sequence[Query], count: int, rng: np.random.Generator) -> list[str]:
+        excluded = {normalize_phrase(q.phrase) for q in queries}
+        hard: list[str] = []
+        if self.concepts is not None:
+            present = [q.phrase for q in queries if q.instances]
+            excluded |= self.concepts.implied(present)
+            if self.hard_negatives_per_image:
+                candidates = [p for p in self.concepts.hard_negative_candidates(present)
+                              if p in self.concepts and p not in excluded]
+                take = min(count, self.hard_negatives_per_image, len(candidates))
+                hard = [candidates[i] for i in rng.permutation(len(candidates))[:take]]
+                excluded |= set(hard)
         vocabulary = self.vocabulary
-        draw = rng.choice(len(vocabulary), size=min(len(vocabulary), count + len(asked)), replace=False) \
-            if vocabulary else []
-        picked = [vocabulary[i] for i in draw if normalize_phrase(vocabulary[i]) not in asked]
-        return picked[:count]
+        draw = rng.choice(len(vocabulary), size=min(len(vocabulary), count - len(hard) + len(excluded)),
+                          replace=False) if vocabulary else []
+        picked = [vocabulary[i] for i in draw if normalize_phrase(vocabulary[i]) not in excluded]
+        return hard + picked[:count - len(hard)]
 
 
 @dataclass
@@ -145,26 +170,32 @@ class SampleTransform:
         policy: query capping and negative sampling.
         augment: canvas size and augmentation; used as given when called with an ``rng``, as
             resize + pad only without one.
+        crop: with an ``rng`` (training), an image larger than ``crop.size`` is first cut to a
+            random crop of that size at full resolution (``data_pipelines.tiling``); instances cut
+            by it keep their visible part or make their query non-exhaustive. Samples carrying
+            teacher outputs are not cropped (the outputs describe the whole image).
     """
 
-    def __init__(self, policy: QueryPolicy, augment: AugmentConfig) -> None:
-        self.policy, self.augment = policy, augment
+    def __init__(self, policy: QueryPolicy, augment: AugmentConfig, crop: CropConfig | None = None) -> None:
+        self.policy, self.augment, self.crop = policy, augment, crop
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None) -> PreparedSample:
         sample = sample_from_wds(record)
         where = {"source": record.get("__url__"), "key": sample.key}
         chosen = self.policy.select(sample.queries, rng)
         image = _decode_image(sample, where)
+        if rng is not None and sample.teacher is None:
+            image, chosen = self._random_crop(image, chosen, rng)
+        height, width = image.shape[-2:]
         augment = self.augment if rng is not None else self.augment.resize_only()
         mirrored = any(MIRRORED_WORDS.search(q.phrase.lower()) for _, q in chosen)
         geometry_rng = rng if sample.teacher is None else None  # teacher outputs fix the geometry
-        geometry = sample_geometry((sample.height, sample.width), augment, geometry_rng,
-                                   allow_flip=not mirrored)
+        geometry = sample_geometry((height, width), augment, geometry_rng, allow_flip=not mirrored)
         canvas_image = warp_image(image, geometry, augment.color_jitter, rng)
 
         rles = [inst.rle for _, q in chosen for inst in q.instances]
         raw = torch.from_numpy(np.stack([decode_rle(r) for r in rles])) if rles else \
-            torch.zeros((0, sample.height, sample.width), dtype=torch.bool)
+            torch.zeros((0, height, width), dtype=torch.bool)
         masks = warp_masks(raw, geometry)
         areas, boxes = mask_areas_and_boxes(masks)
         keep = areas >= augment.min_instance_area
@@ -176,10 +207,19 @@ class SampleTransform:
         if sample.teacher is not None:
             teacher = _teacher_rows(sample.teacher, len(sample.queries), [chosen[i][0] for i in final], where)
         return PreparedSample(key=sample.key, image_id=sample.image_id, image=canvas_image,
-                              valid_hw=geometry.valid_hw, orig_hw=(sample.height, sample.width),
+                              valid_hw=geometry.valid_hw, orig_hw=(height, width),
                               phrases=[chosen[i][1].phrase for i in final],
                               exhaustive=[chosen[i][1].exhaustive for i in final], num_instances=counts,
                               masks=masks, boxes=boxes, teacher=teacher)
+
+    def _random_crop(self, image: Tensor, chosen: list[tuple[int | None, Query]],
+                     rng: np.random.Generator) -> tuple[Tensor, list[tuple[int | None, Query]]]:
+        """A random ``crop.size`` part of a larger (3, H, W) image and the chosen queries cut to it."""
+        if self.crop is None or (image.shape[-2] <= self.crop.size[0] and image.shape[-1] <= self.crop.size[1]):
+            return image, chosen
+        crop = random_training_crop(image.permute(1, 2, 0).numpy(), [q for _, q in chosen], self.crop, rng)
+        cropped = torch.from_numpy(np.ascontiguousarray(crop.image)).permute(2, 0, 1)
+        return cropped, [(index, query) for (index, _), query in zip(chosen, crop.queries, strict=True)]
 
 
 def _surviving_queries(queries: list[Query], keep: Tensor, owner: Tensor) -> tuple[list[int], list[int]]:

@@ -35,6 +35,8 @@ from data_pipelines.pipeline import (
     make_loader,
     resolve_shards,
 )
+from data_pipelines.tiling import CropConfig
+from data_pipelines.vocab import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +94,24 @@ class ShardDataModule(LightningDataModule):
         negatives_per_image: extra absent phrases per training image, drawn from the vocabulary;
             only for images whose queries are all exhaustive (such an image is taken to be
             labelled for the whole vocabulary), never a phrase already asked.
-        vocabulary: text file with one phrase per line to draw negatives from (default: the
-            phrases of the training manifests).
+        hard_negatives_per_image: of those, at most this many are look-alikes of the image's
+            positive phrases (``!`` in the vocabulary file: unripe vs ripe apple, weed vs crop);
+            the rest are drawn from the vocabulary at random.
+        vocabulary: vocabulary file(s) to draw negatives from (``data_pipelines.vocab`` format: a
+            plain list with one phrase per line, or concepts with ``| synonyms``, ``< parents`` and
+            ``! look-alikes``; several files are concatenated). Negatives are canonical phrases and
+            never a parent, child or synonym of a phrase present in the image. Default: the
+            phrases of the training manifests.
         hflip_prob: probability of a horizontal flip in training (skipped for images asked a
             phrase containing "left" or "right").
         scale_range: (min, max) random rescale in training; (1, 1) turns scale jitter off.
         color_jitter: brightness/contrast/saturation jitter strength in training (0 = off).
         min_instance_area: instances with fewer pixels on the canvas after augmentation are
             dropped; a positive left without instances becomes a negative if exhaustive.
+        train_crop: cut training images larger than ``train_crop.size`` (height, width) to a
+            random crop of that size at full resolution before augmentation (large field images:
+            small objects stay large enough to learn); instances cut by the crop keep their
+            visible part or make their query non-exhaustive (``data_pipelines.tiling.CropConfig``).
         shard_retries: times a remote shard (``pipe:``, ``http(s)://``) that fails while being
             read is read again, continuing after the samples it already gave; then it is counted
             as a bad shard and skipped.
@@ -111,10 +123,10 @@ class ShardDataModule(LightningDataModule):
                  resampled: bool = False, batch_size: int = 8, eval_batch_size: int | None = None,
                  num_workers: int = 2, pin_memory: bool = True, persistent_workers: bool = True,
                  seed: int = 0, shuffle_buffer: int = 1000, image_size: int = 1024,
-                 max_queries_per_image: int = 16, negatives_per_image: int = 2, vocabulary: str | None = None,
-                 hflip_prob: float = 0.5,
+                 max_queries_per_image: int = 16, negatives_per_image: int = 2, hard_negatives_per_image: int = 1,
+                 vocabulary: str | list[str] | None = None, hflip_prob: float = 0.5,
                  scale_range: tuple[float, float] = (0.75, 1.25), color_jitter: float = 0.2,
-                 min_instance_area: int = 16, shard_retries: int = 2) -> None:
+                 min_instance_area: int = 16, train_crop: CropConfig | None = None, shard_retries: int = 2) -> None:
         super().__init__()
         self.save_hyperparameters()
         if train_weights is not None and not resampled:
@@ -129,7 +141,9 @@ class ShardDataModule(LightningDataModule):
         self.persistent_workers = persistent_workers
         self.seed, self.shuffle_buffer, self.image_size = seed, shuffle_buffer, image_size
         self.max_queries_per_image, self.negatives_per_image = max_queries_per_image, negatives_per_image
-        self.vocabulary_file = vocabulary
+        self.hard_negatives_per_image = hard_negatives_per_image
+        self.vocabulary_files = [vocabulary] if isinstance(vocabulary, str) else list(vocabulary or [])
+        self.train_crop = CropConfig(**train_crop) if isinstance(train_crop, dict) else train_crop
         self.augment = AugmentConfig(image_size=image_size, hflip_prob=hflip_prob,
                                      scale_range=tuple(scale_range), color_jitter=color_jitter,
                                      min_instance_area=min_instance_area)
@@ -163,10 +177,14 @@ class ShardDataModule(LightningDataModule):
         train = split == "train"
         shards = resolve_shards(self.sources[split], self.train_weights if train else None)
         mode: StreamMode = ("resampled" if self.resampled else "exact") if train else "once"
-        policy = QueryPolicy(max_queries=self.max_queries_per_image,
-                             negatives_per_image=self.negatives_per_image if train else 0,
-                             vocabulary=self._vocabulary(shards.phrases) if train else ())
-        stream = ShardStream(shards, SampleTransform(policy, self.augment), collate_samples, mode=mode,
+        policy = QueryPolicy(max_queries=self.max_queries_per_image)
+        if train and self.negatives_per_image:
+            concepts = self._concepts(shards.phrases)
+            policy = QueryPolicy(max_queries=self.max_queries_per_image, negatives_per_image=self.negatives_per_image,
+                                 vocabulary=tuple(concepts.phrases) if concepts else shards.phrases,
+                                 concepts=concepts, hard_negatives_per_image=self.hard_negatives_per_image)
+        transform = SampleTransform(policy, self.augment, crop=self.train_crop if train else None)
+        stream = ShardStream(shards, transform, collate_samples, mode=mode,
                              batch_size=self.batch_size if train else self.eval_batch_size, rank=rank,
                              world_size=world_size, num_workers=self.num_workers, seed=self.seed,
                              epoch=self._shared_epoch, errors=ErrorCounter(split),
@@ -180,23 +198,22 @@ class ShardDataModule(LightningDataModule):
                            f"{split} data; write at least one shard per rank")
         return stream
 
-    def _vocabulary(self, manifest_phrases: tuple[str, ...]) -> tuple[str, ...]:
-        if self.negatives_per_image == 0:
-            return ()
-        if self.vocabulary_file is not None:
-            path = Path(self.vocabulary_file)
-            if not path.is_file():
-                raise FileNotFoundError(f"vocabulary file {path} not found")
-            phrases = [line.strip() for line in path.read_text().splitlines()]
-            phrases = [p for p in phrases if p and not p.startswith("#")]
-        else:
-            phrases = list(manifest_phrases)
-        if not phrases:
-            empty_file = "" if self.vocabulary_file is None else " and the vocabulary file is empty"
+    def _concepts(self, manifest_phrases: tuple[str, ...]) -> Vocabulary | None:
+        """The vocabulary files' concepts (None: negatives come from the manifests' phrases)."""
+        if self.vocabulary_files:
+            for path in map(Path, self.vocabulary_files):
+                if not path.is_file():
+                    raise FileNotFoundError(f"vocabulary file {path} not found")
+            concepts = load_vocabulary(self.vocabulary_files)
+            if not len(concepts):
+                raise ValueError(f"negatives_per_image={self.negatives_per_image} needs phrases to draw from: "
+                                 f"the vocabulary file(s) {', '.join(self.vocabulary_files)} hold none")
+            return concepts
+        if not manifest_phrases:
             raise ValueError(f"negatives_per_image={self.negatives_per_image} needs phrases to draw from: "
-                             f"the training sources have no manifest.json phrases{empty_file}; "
+                             "the training sources have no manifest.json phrases; "
                              "give vocabulary=FILE or set negatives_per_image=0")
-        return tuple(dict.fromkeys(phrases))
+        return None
 
     # ------------------------------------------------------------------ loaders
     def _dataloader(self, split: Split) -> wds.WebLoader:

@@ -28,11 +28,13 @@ teacher's detections (score = sigmoid(logit) x sigmoid(presence), as SAM3 scores
   and exhaustive flag; the teacher labels only the added phrases.
 
 Every query gets a row of ``teacher.safetensors`` (``sambridge.models.teacher_targets``:
-``select_teacher_targets`` with ``--top-k`` and ``--mask-size``), rows in query order. The teacher
-sees the canvas the training pipeline builds (longest side resized to the canvas, padded at the
-bottom/right, no augmentation), so the targets' normalised coordinates line up with the batches
-the DataModule collates. Images are batched (``--batch-size``): each image is encoded once and
-the head runs on ``--query-chunk`` queries at a time (memory).
+``select_teacher_targets`` with ``--top-k`` and ``--mask-size``), rows in query order;
+``--pooled-features`` adds each query's pooled fusion-encoder features (``pooled_features``, for
+``DistillWeights.pooled_*`` in offline distillation). The teacher sees the canvas the training
+pipeline builds (longest side resized to the canvas, padded at the bottom/right, no augmentation),
+so the targets' normalised coordinates line up with the batches the DataModule collates. Images
+are batched (``--batch-size``): each image is encoded once and the head runs on ``--query-chunk``
+queries at a time (memory).
 
 ``--resume`` keeps verified finished shards and continues after them; the settings (teacher
 sha256, thresholds, phrases, ...) must be those of the interrupted run, as recorded in
@@ -78,8 +80,14 @@ from data_pipelines.writer import (
     sink_from_args,
     write_json_atomic,
 )
+from sambridge.losses.distill import pooled_query_features
 from sambridge.models import CheckpointError, SAM3Teacher, load_teacher
-from sambridge.models.teacher_targets import encode_teacher_file, select_teacher_targets
+from sambridge.models.teacher_targets import (
+    POOLED_FEATURES,
+    STORAGE_DTYPE,
+    encode_teacher_file,
+    select_teacher_targets,
+)
 
 SETTINGS_FILE = "pseudo_label.json"
 EMPTY_MASK = "teacher mask empty at image size"
@@ -172,6 +180,7 @@ class LabelSettings:
         presence_threshold: a query without instances is an exhaustive negative below this presence.
         top_k: detections per query kept as soft targets.
         mask_size: side of the soft targets' mask logits.
+        pooled_features: also cache each query's pooled fusion-encoder features.
     """
 
     score_threshold: float = 0.5
@@ -179,6 +188,7 @@ class LabelSettings:
     presence_threshold: float = 0.2
     top_k: int = 16
     mask_size: int = 64
+    pooled_features: bool = False
 
     def __post_init__(self) -> None:
         ordered = 0 <= self.uncertain_score <= self.score_threshold <= 1
@@ -328,8 +338,10 @@ class PseudoLabeler:
         return found
 
     def _keep(self, out: dict[str, Tensor]) -> list[_Detections]:
-        targets = {k: v.cpu() for k, v in select_teacher_targets(
-            out, top_k=self.settings.top_k, mask_size=self.settings.mask_size).items()}
+        targets = select_teacher_targets(out, top_k=self.settings.top_k, mask_size=self.settings.mask_size)
+        if self.settings.pooled_features:
+            targets[POOLED_FEATURES] = pooled_query_features(out).to(STORAGE_DTYPE)
+        targets = {k: v.cpu() for k, v in targets.items()}
         presence = out["presence_logit_dec"][:, 0].float().sigmoid().cpu()
         scores = out["pred_logits"][..., 0].float().sigmoid().cpu() * presence[:, None]
         kept = []
@@ -419,6 +431,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="soft-target detections per query")
     parser.add_argument("--mask-size", type=int, default=LabelSettings.mask_size,
                         help="side of the soft targets' mask logits")
+    parser.add_argument("--pooled-features", action="store_true",
+                        help="also cache each query's pooled fusion-encoder features (offline distill.pooled_*)")
     parser.add_argument("--canvas-size", type=int,
                         help="square canvas side (default: the teacher's input size)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per teacher forward")
@@ -455,7 +469,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any], resume: bool) -> No
 def run(args: argparse.Namespace) -> int:
     settings = LabelSettings(score_threshold=args.score_threshold, uncertain_score=args.uncertain_score,
                              presence_threshold=args.presence_threshold, top_k=args.top_k,
-                             mask_size=args.mask_size)
+                             mask_size=args.mask_size, pooled_features=args.pooled_features)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     vocabulary = _vocabulary(args.vocabulary)

@@ -83,11 +83,12 @@ def _check_rebuildable(model_args: dict[str, Any], model: nn.Module) -> None:
         )
 
 
-def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, Any]]:
-    """The trained model of a Lightning checkpoint (LoRA merged, eval mode), its name and build arguments.
+def model_from_checkpoint(path: str | os.PathLike, merge: bool = True) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The trained model of a Lightning checkpoint (eval mode), its name and build arguments.
 
     Args:
         path: Checkpoint of a ``DistillModule`` or ``GroundingModule``.
+        merge: merge LoRA adapters into the base weights (otherwise they stay peft layers).
     """
     from sambridge.models import apply_finetune_mode, create_model, merge_lora
     from sambridge.models.lora import LoraSettings
@@ -105,7 +106,7 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, str, dict
         k[len(_MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_MODEL_PREFIX)
     }
     load_state_dict_strict(model, state, f"checkpoint {path} ({_MODEL_PREFIX}* entries)")
-    if lora:
+    if lora and merge:
         merge_lora(model)
     return model.eval(), name, model_args
 
@@ -146,18 +147,42 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pat
     return out
 
 
+def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write only the LoRA adapters (and the trained head) of a ``finetune: lora`` checkpoint.
+
+    The file (``sambridge.models.save_adapters`` format, a few MiB) goes back onto the base model the
+    run started from (the same official checkpoint) with ``sambridge.models.load_adapters``.
+    """
+    from sambridge.models import save_adapters
+
+    model, _, _ = model_from_checkpoint(checkpoint, merge=False)
+    if getattr(model, "lora_settings", None) is None:
+        raise CheckpointError(f"{checkpoint} was not trained with finetune: lora; it has no adapters to export")
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out or remove it first")
+    return save_adapters(model, out)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sambridge export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint (.ckpt) of a training run")
     parser.add_argument(
         "--out", required=True, help="student file: .safetensors, or a torch.save file such as student.pt"
     )
+    parser.add_argument("--adapters-only", action="store_true",
+                        help="LoRA runs: write only the adapters + head (.safetensors) for load_adapters")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``sambridge export``; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.adapters_only:
+        path = export_adapters(args.checkpoint, args.out)
+        print(f"adapters written to {path} ({path.stat().st_size / 2**20:.1f} MiB); load them onto the base "
+              f"model with sambridge.models.load_adapters(model, {str(path)!r})")
+        return 0
     path = export_student(args.checkpoint, args.out)
     print(
         f"student written to {path} ({path.stat().st_size / 2**20:.1f} MiB); "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,24 +15,27 @@ from data_pipelines.tiling import TilingConfig, predict_tiled
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The grounding model of a sambridge Lightning checkpoint (``.ckpt``) or an exported student.
+    """The grounding model of a sambridge Lightning checkpoint (``.ckpt``) or an exported student, in eval mode.
 
-    Lightning checkpoints name their task class (``GroundingModule``, ``DistillModule``) in their
-    hyper-parameters and are rebuilt from them; everything loads with ``weights_only=True``.
+    A Lightning checkpoint (``GroundingModule``, ``DistillModule``) is rebuilt from the registered
+    model name and build arguments it records, LoRA adapters merged (``sambridge.export``): only the
+    trained model, so a distillation checkpoint needs neither its teacher nor the weight files it
+    started from. Everything loads with ``weights_only=True``.
     """
+    from sambridge.export import config_dataclasses, model_from_checkpoint
+    from sambridge.models import load_student
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = None
+    if path.suffix != ".safetensors":
+        with torch.serialization.safe_globals(config_dataclasses()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint and "hyper_parameters" in checkpoint:
-        class_path = checkpoint["hyper_parameters"].get("_class_path", "sambridge.modules.GroundingModule")
-        module_name, _, class_name = class_path.rpartition(".")
-        task = getattr(importlib.import_module(module_name), class_name)
-        module = task.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-        return module.model.eval()
-    from sambridge.models import load_student
-
-    return load_student(path, map_location=map_location).eval()
+        model, _, _ = model_from_checkpoint(path)
+        return model.to(map_location).eval()
+    return load_student(path, device=map_location).eval()
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Segmenter:
         """Per phrase, the instances found in an (H, W, 3) uint8 image (letterboxed to the model size)."""
         h, w = image.shape[:2]
         geometry = sample_geometry((h, w), self.canvas)
-        canvas = warp_image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), geometry)
+        canvas = warp_image(torch.from_numpy(np.array(image)).permute(2, 0, 1), geometry)
         out = self.model(canvas[None].to(self.device), list(phrases), torch.zeros(len(phrases), dtype=torch.long))
         size = self.canvas.image_size
         pred = self.model.postprocess(out, top_k=self.top_k, score_threshold=self.score_threshold,

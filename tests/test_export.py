@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from data_pipelines.batch import GroundingBatch
 from sambridge.cli import main
 from sambridge.export import export_student
-from sambridge.models import load_student
+from sambridge.inference import load_model
+from sambridge.models import create_model, load_adapters, load_student
 from sambridge.models.checkpoint_io import CheckpointError
 from sambridge.models.lora import has_lora
 from sambridge.models.standalone import STUDENT_FORMAT, read_student
@@ -72,6 +77,61 @@ def test_export_then_load_predicts_exactly_like_the_module(distill_run, groundin
     assert state.keys() == module.model.state_dict().keys()  # no teacher, no distillation adapters
 
 
+def test_load_model_takes_student_files_and_a_distill_checkpoint_without_its_teacher(
+    distill_run, grounding_batch, tmp_path
+):
+    module, checkpoint = distill_run
+    blob = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    blob["hyper_parameters"]["teacher"] = str(tmp_path / "absent" / "sam3.pt")  # as on an inference machine
+    moved = tmp_path / "moved.ckpt"
+    torch.save(blob, moved)
+    expected = predict(module.model, grounding_batch)
+    for path in (
+        moved,
+        export_student(checkpoint, tmp_path / "s.pt"),
+        export_student(checkpoint, tmp_path / "s.safetensors"),
+    ):
+        model = load_model(path)
+        assert not model.training and model.image_size == 96, path.name
+        got = predict(model, grounding_batch)
+        for name in expected:
+            assert torch.equal(expected[name], got[name]), (path.name, name)
+
+
+def test_segment_script_runs_on_an_exported_student(distill_run, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("segment", Path(__file__).parents[1] / "scripts" / "segment.py")
+    segment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(segment)
+    student = export_student(distill_run[1], tmp_path / "student.pt")
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(image)
+    args = [
+        "--checkpoint",
+        str(student),
+        "--image",
+        str(image),
+        "--text",
+        "red circle",
+        "--text",
+        "star",
+        "--threshold",
+        "0",
+        "--top-k",
+        "2",
+        "--out",
+        str(tmp_path / "overlay.png"),
+        "--json",
+        str(tmp_path / "i.json"),
+    ]
+    assert segment.main(args) == 0
+    width, height = Image.open(tmp_path / "overlay.png").size
+    assert width * 80 == height * 120  # the image's aspect (small images are drawn upscaled)
+    records = json.loads((tmp_path / "i.json").read_text())
+    assert sorted(r["phrase"] for r in records) == ["red circle", "red circle", "star", "star"]  # top 2 at threshold 0
+    assert all(r["segmentation"]["size"] == [80, 120] for r in records)
+    assert "'star': 2 instance(s)" in capsys.readouterr().out
+
+
 def test_torch_save_student_file_is_plain_tensors_and_strings(distill_run, tmp_path):
     out = export_student(distill_run[1], tmp_path / "student.pt")
     blob = torch.load(out, weights_only=True)
@@ -79,7 +139,7 @@ def test_torch_save_student_file_is_plain_tensors_and_strings(distill_run, tmp_p
     assert all(isinstance(v, torch.Tensor) for v in blob["state_dict"].values())
 
 
-def test_lora_checkpoint_exports_a_merged_plain_model(grounding_batch, tmp_path):
+def test_lora_checkpoint_exports_a_merged_plain_model_or_its_adapters(grounding_batch, tmp_path, capsys):
     torch.manual_seed(0)
     module = GroundingModule(model="grounded_sam2_tiny", finetune="lora", image_size=96)
     checkpoint = tmp_path / "lora.ckpt"
@@ -103,6 +163,16 @@ def test_lora_checkpoint_exports_a_merged_plain_model(grounding_batch, tmp_path)
     for name in ("pred_logits", "pred_boxes", "pred_masks", "presence"):
         assert torch.allclose(expected[name], got[name], atol=1e-4), name
 
+    adapters = tmp_path / "adapters.safetensors"
+    main(["export", "--checkpoint", str(checkpoint), "--out", str(adapters), "--adapters-only"])
+    assert "adapters written to" in capsys.readouterr().out
+    torch.manual_seed(0)  # the same random base the run started from (a real run: the official checkpoint)
+    rebuilt = load_adapters(create_model("grounded_sam2_tiny", image_size=96), adapters)
+    assert has_lora(rebuilt)
+    got = predict(rebuilt, grounding_batch)
+    for name in ("pred_logits", "pred_boxes", "pred_masks", "presence"):
+        assert torch.equal(expected[name], got[name]), name
+
 
 def test_cli_export_and_its_errors(distill_run, tmp_path, capsys):
     out = tmp_path / "student.pt"
@@ -110,6 +180,9 @@ def test_cli_export_and_its_errors(distill_run, tmp_path, capsys):
     assert "student written to" in capsys.readouterr().out and out.is_file()
     with pytest.raises(FileExistsError, match="student.pt exists"):
         main(["export", "--checkpoint", str(distill_run[1]), "--out", str(out)])
+    with pytest.raises(CheckpointError, match="not trained with finetune: lora"):
+        main(["export", "--checkpoint", str(distill_run[1]), "--out", str(tmp_path / "a.safetensors"),
+              "--adapters-only"])
     with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
         export_student(out, tmp_path / "again.pt")  # a student file is not a training checkpoint
     with pytest.raises(CheckpointError, match="Lightning checkpoint not found: .*nope.ckpt"):

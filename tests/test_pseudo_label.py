@@ -260,6 +260,30 @@ def test_shard_input_keeps_its_labels_and_gains_soft_targets(teacher_file, tmp_p
     assert inspect_shards(out, progress=False)[0].ok
 
 
+def test_pooled_features_are_cached_for_offline_pooled_distillation(teacher_file, teacher, tmp_path):
+    from data_pipelines.synthetic import generate_synthetic
+    from sambridge.losses.distill import pooled_query_features
+
+    generate_synthetic(tmp_path / "synthetic", num_train=0, num_val=3, num_heldout=0, max_count=3)
+    out = tmp_path / "pooled"
+    assert main(["pseudo-label", "--teacher", str(teacher_file), "--model", "sam3_image_tiny", "--shards",
+                 str(tmp_path / "synthetic" / "val"), "--keep-labels", "--pooled-features", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads((out / SETTINGS_FILE).read_text())["labels"]["pooled_features"] is True
+    transform = SampleTransform(QueryPolicy(max_queries=16), AugmentConfig(image_size=teacher.image_size))
+    for sample in iter_samples(out):
+        prepared = transform({"__key__": sample.key, "png": sample.image, "json": json.dumps(sample.meta()),
+                              "teacher.safetensors": sample.teacher})
+        phrases = [q.phrase for q in sample.queries]
+        with torch.no_grad():
+            fresh = pooled_query_features(teacher(prepared.image[None], phrases, torch.zeros(len(phrases),
+                                                                                              dtype=torch.long)))
+        stored = load_safetensors(sample.teacher)["pooled_features"]
+        assert stored.dtype == torch.float16 and stored.shape == (len(phrases), 64)  # tiny teacher's d_model
+        assert torch.allclose(stored.float(), fresh, atol=2e-3)
+        assert torch.allclose(prepared.teacher["pooled_features"].float(), fresh, atol=2e-3)
+
+
 def test_images_are_encoded_once_per_batch(teacher, inputs, thresholds):
     labeler = PseudoLabeler(teacher, thresholds, PHRASES, query_chunk=4)
     calls = []

@@ -102,9 +102,11 @@ class PredictionWriter(Callback):
             images = [img for p in parts for img in p["images"]]
             if images:
                 phrases = sorted({img["text_input"] for img in images})
+                # annotation ids count from 1 within each batch: renumber them across batches and ranks
+                annotations = [{**a, "id": i} for i, a in enumerate((a for p in parts for a in p["annotations"]), 1)]
                 write_json(out / "ground_truth.json", {
                     "info": {"description": "sambridge ground truth of the predicted (sample, phrase) pairs"},
-                    "images": images, "annotations": [a for p in parts for a in p["annotations"]],
+                    "images": images, "annotations": annotations,
                     "categories": [{"id": 1, "name": "object"}], "phrases": phrases})
             for r in range(world):
                 (out / f"part-rank{r}.json").unlink()

@@ -27,7 +27,8 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 TARGET_KEYS = ("logits", "boxes", "presence_logit", "mask_logits")
-OPTIONAL_KEYS = ("pooled_features",)
+POOLED_FEATURES = "pooled_features"
+OPTIONAL_KEYS = (POOLED_FEATURES,)
 STORAGE_DTYPE = torch.float16
 
 
