@@ -101,7 +101,7 @@ def test_checkpoint_reload_gives_identical_outputs(shards: Path, tmp_path: Path,
         a, b = trained(grounding_batch), reloaded(grounding_batch)
     for key in ("pred_logits", "pred_boxes", "pred_masks", "presence_logit_dec"):
         assert torch.equal(a[key], b[key]), key
-    assert reloaded.hparams.model == "grounded_sam2_tiny" and reloaded.model.image_size == 64
+    assert reloaded.hparams.model == "grounded_sam2_demo" and reloaded.model.image_size == 64
 
 
 def test_tool_commands_are_reachable(capsys) -> None:

@@ -42,6 +42,17 @@ SAM2_TINY_OVERRIDES = (
 )
 """Hydra overrides giving SAM2's real architecture at tiny width (~1.4M params, 64-d neck), for tests."""
 
+SAM2_DEMO_OVERRIDES = (
+    "++model.image_encoder.trunk.embed_dim=32",
+    "++model.image_encoder.trunk.num_heads=2",
+    "++model.image_encoder.trunk.stages=[1,2,4,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[4,6]",
+    "++model.image_encoder.trunk.window_spec=[4,4,4,4]",
+    "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+    *SAM2_TINY_OVERRIDES[6:],
+)
+"""The tiny architecture with a twice wider, deeper Hiera trunk (the CPU demo's model)."""
+
 IMAGE_SIZE_STRIDE = 32
 """SAM2's Hiera trunk + FPN neck need square inputs whose side is a multiple of this."""
 

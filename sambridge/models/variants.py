@@ -3,7 +3,8 @@
 ===========================  ===================  ================  =============  ==================
 name                         image backbone       head              text tower     default image size
 ===========================  ===================  ================  =============  ==================
-grounded_sam2_tiny           sam2.1_hiera_t tiny  ``TINY``          ViT-S-32 64-d  128 (tests, demo)
+grounded_sam2_tiny           sam2.1_hiera_t tiny  ``TINY``          ViT-S-32 64-d  128 (tests)
+grounded_sam2_demo           hiera_t tiny, 2x     ``TINY``          ViT-S-32 64-d  128 (CPU demo)
 grounded_sam2_hiera_t        sam2.1_hiera_t       SAM3              MobileCLIP-S1  1024
 grounded_sam2_hiera_s        sam2.1_hiera_s       SAM3              MobileCLIP-S1  1024
 grounded_sam2_hiera_b+       sam2.1_hiera_b+      SAM3              MobileCLIP-S1  1024
@@ -43,7 +44,7 @@ from torch import nn
 from sambridge.models.grounded_sam2 import GroundedSAM2
 from sambridge.models.grounding_head import SAM3_HEAD, TINY_HEAD, HeadConfig, build_detector, load_sam3_head
 from sambridge.models.registry import register_model
-from sambridge.models.sam2_builder import SAM2_TINY_OVERRIDES, build_sam2
+from sambridge.models.sam2_builder import SAM2_DEMO_OVERRIDES, SAM2_TINY_OVERRIDES, build_sam2
 from sambridge.models.sam2_decoder import Sam2PromptDecoder
 from sambridge.models.text_encoder import OpenClipTextEncoder
 from sambridge.models.timm_vision import HeadLevelsAdapter, TimmVisionAdapter
@@ -195,17 +196,26 @@ def _register(name: str, summary: str, builder=build_grounded_sam2, **defaults) 
     register_model(name)(factory)
 
 
-_register(
-    "grounded_sam2_tiny",
-    "Real architecture at tiny width (~5M params, 3.2M of them the token table) for CPU tests and demos.",
-    sam2_config="sam2.1_hiera_t",
-    image_size=128,
-    sam2_overrides=SAM2_TINY_OVERRIDES,
-    head=TINY_HEAD,
-    text_model="ViT-S-32",
-    text_cfg={"width": 64, "heads": 2, "layers": 1},
-    freeze_text=False,
-)
+for _name, _summary, _overrides in (
+    ("grounded_sam2_tiny",
+     "Real architecture at tiny width (~5M params, 3.2M of them the token table) for CPU tests.",
+     SAM2_TINY_OVERRIDES),
+    ("grounded_sam2_demo",
+     "``grounded_sam2_tiny`` with a twice wider, deeper Hiera trunk (32-d, 8 blocks; 6.3M params): the CPU "
+     "demo's model, which learns the demo's concepts faster than the test-sized trunk.",
+     SAM2_DEMO_OVERRIDES),
+):
+    _register(
+        _name,
+        _summary,
+        sam2_config="sam2.1_hiera_t",
+        image_size=128,
+        sam2_overrides=_overrides,
+        head=TINY_HEAD,
+        text_model="ViT-S-32",
+        text_cfg={"width": 64, "heads": 2, "layers": 1},
+        freeze_text=False,
+    )
 for _size in ("t", "s", "b+", "l"):
     _register(
         f"grounded_sam2_hiera_{_size}",
