@@ -196,14 +196,17 @@ def _register(name: str, summary: str, builder=build_grounded_sam2, **defaults) 
     register_model(name)(factory)
 
 
-for _name, _summary, _overrides in (
+for _name, _summary, _overrides, _head, _text_width in (
     ("grounded_sam2_tiny",
      "Real architecture at tiny width (~5M params, 3.2M of them the token table) for CPU tests.",
-     SAM2_TINY_OVERRIDES),
+     SAM2_TINY_OVERRIDES, TINY_HEAD, 64),
     ("grounded_sam2_demo",
      "``grounded_sam2_tiny`` with a twice wider, deeper Hiera trunk (32-d, 8 blocks; 6.3M params): the CPU "
      "demo's model, which learns the demo's concepts faster than the test-sized trunk.",
-     SAM2_DEMO_OVERRIDES),
+     SAM2_DEMO_OVERRIDES, TINY_HEAD, 64),
+    ("grounded_sam2_student_tiny",
+     "Tiny distillation student (tiny Hiera, one-layer decoder, 32-d text tower) for CPU tests and demos.",
+     SAM2_TINY_OVERRIDES, STUDENT_TINY_HEAD, 32),
 ):
     _register(
         _name,
@@ -211,9 +214,9 @@ for _name, _summary, _overrides in (
         sam2_config="sam2.1_hiera_t",
         image_size=128,
         sam2_overrides=_overrides,
-        head=TINY_HEAD,
+        head=_head,
         text_model="ViT-S-32",
-        text_cfg={"width": 64, "heads": 2, "layers": 1},
+        text_cfg={"width": _text_width, "heads": 2, "layers": 1},
         freeze_text=False,
     )
 for _size in ("t", "s", "b+", "l"):
@@ -223,17 +226,6 @@ for _size in ("t", "s", "b+", "l"):
         sam2_config=f"sam2.1_hiera_{_size}",
         text_model="MobileCLIP-S1",
     )
-_register(
-    "grounded_sam2_student_tiny",
-    "Tiny distillation student (tiny Hiera, one-layer decoder, 32-d text tower) for CPU tests and demos.",
-    sam2_config="sam2.1_hiera_t",
-    image_size=128,
-    sam2_overrides=SAM2_TINY_OVERRIDES,
-    head=STUDENT_TINY_HEAD,
-    text_model="ViT-S-32",
-    text_cfg={"width": 32, "heads": 2, "layers": 1},
-    freeze_text=False,
-)
 _register(
     "grounded_sam2_student",
     "SAM3 distillation student: SAM2.1 Hiera-T at 384 px, a lighter SAM3 head (100 queries, stride 8-16), "
