@@ -9,6 +9,7 @@ import torch
 
 from data_pipelines.synthetic import generate_synthetic
 from sambridge.cli import lightning_cli, main
+from sambridge.export import read_lightning_checkpoint
 from sambridge.losses.distill import DistillWeights
 from sambridge.models import load_student
 from sambridge.modules import DistillModule
@@ -69,10 +70,10 @@ def test_demo_config_fits_reloads_and_exports(tmp_path: Path, grounding_batch) -
     ]
     main(["fit", *args])
     checkpoint = out / "checkpoints" / "last.ckpt"
-    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 1
+    assert read_lightning_checkpoint(checkpoint)["global_step"] == 1
 
     reloaded = DistillModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    assert reloaded.distill_weights == DistillWeights(score=10.0)
+    assert reloaded.distill_weights == DistillWeights(score=10.0, ground_truth=0.25)  # the config's, one overridden
     assert reloaded.model.image_size == 128  # the student's own size, not the 64 px canvas
 
     main(["export", "--checkpoint", str(checkpoint), "--out", str(out / "student.pt")])

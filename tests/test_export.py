@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from data_pipelines.batch import GroundingBatch
 from sambridge.cli import main
-from sambridge.export import export_student
+from sambridge.export import export_student, read_lightning_checkpoint
 from sambridge.inference import load_model
 from sambridge.models import create_model, load_adapters, load_student
 from sambridge.models.checkpoint_io import CheckpointError
@@ -81,7 +81,7 @@ def test_load_model_takes_student_files_and_a_distill_checkpoint_without_its_tea
     distill_run, grounding_batch, tmp_path
 ):
     module, checkpoint = distill_run
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    blob = read_lightning_checkpoint(checkpoint)
     blob["hyper_parameters"]["teacher"] = str(tmp_path / "absent" / "sam3.pt")  # as on an inference machine
     moved = tmp_path / "moved.ckpt"
     torch.save(blob, moved)
