@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,7 +25,8 @@ from sambridge.models.standalone import STUDENT_FORMAT, read_student
 from sambridge.modules import DistillModule, GroundingModule
 
 
-def fit_one_step(module: pl.LightningModule, batch: GroundingBatch, path: Path) -> Path:
+def fit_one_step(module: pl.LightningModule, batch: GroundingBatch, path: Path,
+                 before_save: Callable[[pl.LightningModule], None] | None = None) -> Path:
     """One real optimisation step, then a real Lightning checkpoint (optimizer state and all)."""
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -36,6 +38,8 @@ def fit_one_step(module: pl.LightningModule, batch: GroundingBatch, path: Path) 
         limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
+    if before_save is not None:
+        before_save(module)
     trainer.save_checkpoint(path)
     return path
 
@@ -142,21 +146,14 @@ def test_torch_save_student_file_is_plain_tensors_and_strings(distill_run, tmp_p
 def test_lora_checkpoint_exports_a_merged_plain_model_or_its_adapters(grounding_batch, tmp_path, capsys):
     torch.manual_seed(0)
     module = GroundingModule(model="grounded_sam2_tiny", finetune="lora", image_size=96)
-    checkpoint = tmp_path / "lora.ckpt"
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader([grounding_batch], batch_size=None))
-    with torch.no_grad():  # make the adapters matter (one warm-up step barely moves them)
-        for name, p in module.model.named_parameters():
+
+    @torch.no_grad()
+    def make_adapters_matter(trained: GroundingModule) -> None:  # one warm-up step barely moves them
+        for name, p in trained.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    trainer.save_checkpoint(checkpoint)
+
+    checkpoint = fit_one_step(module, grounding_batch, tmp_path / "lora.ckpt", before_save=make_adapters_matter)
     student = load_student(export_student(checkpoint, tmp_path / "student.safetensors"))
     assert not has_lora(student) and student.image_size == 96
     expected, got = predict(module.model, grounding_batch), predict(student, grounding_batch)
