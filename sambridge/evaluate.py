@@ -2,6 +2,7 @@
 
     sambridge evaluate --gt GT.json [GT_b.json GT_c.json] --pred PRED.json [--out metrics.json]
                        [--per-phrase per_phrase.csv] [--grid queries.png --image-root DIR]
+                       [--baseline REF.json] [--calibration calibration.png]
 
 Ground truth is SA-Co JSON (one ``images`` entry per image-phrase pair), predictions a COCO results
 list (see :mod:`sambridge.metrics.saco`). Several ground-truth files (SA-Co/Gold ships three
@@ -25,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sambridge.metrics.ap import DEFAULT_MAX_DETS, average_precision
+from sambridge.metrics.calibration import Calibration, calibration
 from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD, IOU_THRESHOLDS, select_oracle, true_positives
 from sambridge.metrics.masks import rle_ious, rle_union_overlap
 from sambridge.metrics.queries import QueryMatch, QueryTable, match_query, stack_ap_records
@@ -32,7 +34,7 @@ from sambridge.metrics.saco import SacoGroundTruth, gc_paused, load_ground_truth
 
 #: Metrics the printed summary shows, in order (the JSON has them all).
 HEADLINE = ("cgF1", "pmF1", "IL_MCC", "cgF1@0.5", "cgF1@0.75", "positive_macro_F1", "IL_F1", "AP", "AP50",
-            "AP75", "mIoU", "cIoU", "count_mae", "count_exact", "num_queries", "num_positive", "num_skipped")
+            "AP75", "mIoU", "cIoU", "count_mae", "count_exact", "ECE", "num_queries", "num_positive", "num_skipped")
 
 
 @dataclass
@@ -43,11 +45,13 @@ class Evaluation:
         metrics: flat metric name -> value (cgF1 and pmF1 in percent, as SAM3 reports them).
         queries: per-query statistics of the evaluated queries, in ground-truth order.
         gt_version: (Q,) which ground-truth version each query was scored against (oracle).
+        calibration: reliability of the top detections' scores (IoU >= 0.5 against the first version).
     """
 
     metrics: dict[str, float]
     queries: QueryTable
     gt_version: np.ndarray
+    calibration: Calibration
 
     def per_phrase(self) -> list[dict[str, Any]]:
         """Per-phrase rows (:meth:`sambridge.metrics.QueryTable.per_phrase`)."""
@@ -113,10 +117,12 @@ def evaluate_saco(gts: SacoGroundTruth | Sequence[SacoGroundTruth], predictions:
                        inter=inter[choice, rows], union=union[choice, rows])
     metrics = table.metrics()
     in_coco_order = [ap_records[i] for i in np.argsort(ids, kind="stable")]  # COCOeval sorts image ids
-    metrics.update(average_precision(*stack_ap_records(in_coco_order), num_gt=int(num_gt[0].sum()),
-                                     max_dets=max_dets))
+    scores, matched, ignored = stack_ap_records(in_coco_order)
+    metrics.update(average_precision(scores, matched, ignored, num_gt=int(num_gt[0].sum()), max_dets=max_dets))
+    reliability = calibration(scores[~ignored[:, 0]], matched[~ignored[:, 0], 0])
+    metrics["ECE"] = reliability.ece
     metrics["num_skipped"] = float(len(gts[0].images) - len(ids))
-    return Evaluation(metrics=metrics, queries=table, gt_version=choice)
+    return Evaluation(metrics=metrics, queries=table, gt_version=choice, calibration=reliability)
 
 
 def evaluate_files(gt_path: str | Path | Sequence[str | Path], pred_path: str | Path, *,
@@ -161,6 +167,22 @@ def format_metrics(metrics: dict[str, float], keys: Sequence[str] = HEADLINE) ->
     return "\n".join(lines)
 
 
+def format_comparison(metrics: dict[str, float], reference: dict[str, float], name: str = "baseline",
+                      keys: Sequence[str] = HEADLINE) -> str:
+    """A text table of ``keys``: the run, the reference run and their difference."""
+    rows = [(k, metrics[k], reference[k]) for k in keys if k in metrics and k in reference]
+    width = max((len(k) for k, _, _ in rows), default=6)
+    lines = [f"{'metric':<{width}}  {'model':>10}  {name:>10}  {'difference':>10}",
+             f"{'-' * width}  {'-' * 10}  {'-' * 10}  {'-' * 10}"]
+    for k, a, b in rows:
+        if k.startswith("num_"):
+            lines.append(f"{k:<{width}}  {int(a):>10}  {int(b):>10}")
+        else:
+            lines.append(f"{k:<{width}}  {a:>10.4f}  {b:>10.4f}  {a - b:>+10.4f}")
+    lines.append("(cgF1 and pmF1 in percent, as SAM3 reports them; lower is better for count_mae and ECE)")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sambridge evaluate",
@@ -169,6 +191,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gt", nargs="+", required=True, metavar="GT.json",
                         help="SA-Co ground truth; several files = versions of it (SAM3's oracle evaluation)")
     parser.add_argument("--pred", required=True, metavar="PRED.json", help="COCO results list")
+    parser.add_argument("--baseline", metavar="REF.json",
+                        help="a second COCO results list on the same queries (a simple heuristic, the untrained or "
+                             "pretrained model) scored alongside: metrics and per-phrase table side by side")
+    parser.add_argument("--baseline-name", default="baseline", help="column name of --baseline (default baseline)")
+    parser.add_argument("--calibration", metavar="calibration.png",
+                        help="write a reliability diagram of the detection scores (and of --baseline's)")
     parser.add_argument("--out", metavar="metrics.json", help="write all metrics and settings as JSON")
     parser.add_argument("--per-phrase", metavar="per_phrase.csv",
                         help="write the per-phrase table as CSV, and as Markdown next to it (.md)")
@@ -192,18 +220,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--grid needs --image-root")
     evaluation, gts, predictions = load_and_evaluate(args.gt, args.pred, score_threshold=args.score_threshold,
                                                      max_dets=args.max_dets, progress=True)
-    print(format_metrics(evaluation.metrics))
+    reference = None
+    if args.baseline:
+        with gc_paused():
+            reference = evaluate_saco(gts, load_predictions(args.baseline, gts[0]),
+                                      score_threshold=args.score_threshold, max_dets=args.max_dets)
+        print(format_comparison(evaluation.metrics, reference.metrics, args.baseline_name))
+    else:
+        print(format_metrics(evaluation.metrics))
     if args.out:
-        write_json(args.out, {"metrics": evaluation.metrics, "gt": [str(p) for p in args.gt],
-                              "pred": str(args.pred), "score_threshold": args.score_threshold,
-                              "max_dets": args.max_dets})
+        result = {"metrics": evaluation.metrics, "gt": [str(p) for p in args.gt], "pred": str(args.pred),
+                  "score_threshold": args.score_threshold, "max_dets": args.max_dets}
+        if reference is not None:
+            result.update(baseline=str(args.baseline), baseline_metrics=reference.metrics)
+        write_json(args.out, result)
         print(f"metrics written to {args.out}")
     if args.per_phrase:
-        from sambridge.report import write_phrase_table
+        from sambridge.report import compare_phrase_rows, write_phrase_table
 
         markdown = Path(args.per_phrase).with_suffix(".md")
-        write_phrase_table(evaluation.per_phrase(), args.per_phrase, markdown)
+        if reference is None:
+            write_phrase_table(evaluation.per_phrase(), args.per_phrase, markdown)
+        else:
+            rows, columns = compare_phrase_rows(evaluation.per_phrase(), reference.per_phrase(), args.baseline_name)
+            write_phrase_table(rows, args.per_phrase, markdown, columns=columns)
         print(f"per-phrase table written to {args.per_phrase} and {markdown}")
+    if args.calibration:
+        from sambridge.report import reliability_figure, save_figure
+
+        curves = {"model": evaluation.calibration}
+        if reference is not None:
+            curves[args.baseline_name] = reference.calibration
+        save_figure(reliability_figure(curves), args.calibration)
+        print(f"reliability diagram written to {args.calibration}")
     if args.grid:
         from sambridge.report import saco_query_grid, save_figure
 

@@ -54,14 +54,18 @@ class Segmenter:
         model: a grounding model (``GroundedSAM2``, a SAM3 teacher, a student).
         score_threshold: keep instances scoring at least this.
         top_k: instances per phrase at most (per tile when tiling).
-        refine: refine masks with SAM2's mask decoder (models that have one).
+        refine: masks from SAM2's mask decoder (True) or the grounding head (False); ``None``: the
+            model's own default (``refine_masks``, what its training run validated with).
+        nms_iou: drop detections overlapping a higher-scoring one of the same phrase by box IoU above this.
         device: where to run.
     """
 
-    def __init__(self, model: nn.Module, score_threshold: float = 0.5, top_k: int = 100, refine: bool = True,
+    def __init__(self, model: nn.Module, score_threshold: float = 0.5, top_k: int = 100,
+                 refine: bool | None = None, nms_iou: float | None = None,
                  device: str | torch.device = "cpu") -> None:
         self.model = model.eval().to(device)
         self.score_threshold, self.top_k, self.refine, self.device = score_threshold, top_k, refine, device
+        self.nms_iou = nms_iou
         self.canvas = AugmentConfig(image_size=model.image_size)
 
     @torch.no_grad()
@@ -73,7 +77,7 @@ class Segmenter:
         out = self.model(canvas[None].to(self.device), list(phrases), torch.zeros(len(phrases), dtype=torch.long))
         size = self.canvas.image_size
         pred = self.model.postprocess(out, top_k=self.top_k, score_threshold=self.score_threshold,
-                                      refine=self.refine, out_hw=(size, size))
+                                      refine=self.refine, out_hw=(size, size), nms_iou=self.nms_iou)
         vh, vw = geometry.valid_hw
         results = []
         for q in range(len(phrases)):

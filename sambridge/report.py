@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from sambridge.evaluate import Evaluation
+    from sambridge.metrics.calibration import Calibration
 
 #: Columns of the per-phrase table (:meth:`sambridge.metrics.QueryTable.per_phrase`), in order.
 PHRASE_COLUMNS = ("phrase", "queries", "positives", "gt", "pred", "F1", "F1@0.5", "IL_accuracy", "mIoU",
@@ -43,31 +44,52 @@ def _cell(value: Any, digits: int | None = None) -> str:
     return str(value)
 
 
-def phrase_table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+def phrase_table_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = PHRASE_COLUMNS) -> str:
     """The per-phrase rows as CSV text (empty cells where a value is undefined)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(PHRASE_COLUMNS)
-    writer.writerows([_cell(row[c]) for c in PHRASE_COLUMNS] for row in rows)
+    writer.writerow(columns)
+    writer.writerows([_cell(row.get(c)) for c in columns] for row in rows)
     return buffer.getvalue()
 
 
-def phrase_table_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
+def phrase_table_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 3,
+                          columns: Sequence[str] = PHRASE_COLUMNS) -> str:
     """The per-phrase rows as a Markdown table (``|`` in phrases escaped)."""
-    lines = ["| " + " | ".join(PHRASE_COLUMNS) + " |",
-             "|" + "|".join(":---" if c == "phrase" else "---:" for c in PHRASE_COLUMNS) + "|"]
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join(":---" if c == "phrase" else "---:" for c in columns) + "|"]
     for row in rows:
-        cells = [_cell(row[c], digits).replace("|", "\\|") for c in PHRASE_COLUMNS]
+        cells = [_cell(row.get(c), digits).replace("|", "\\|") for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_phrase_table(rows: Sequence[Mapping[str, Any]], csv_path: str | Path,
-                       markdown_path: str | Path | None = None) -> None:
+                       markdown_path: str | Path | None = None, columns: Sequence[str] = PHRASE_COLUMNS) -> None:
     """Write the per-phrase rows as CSV and, optionally, Markdown (atomic writes)."""
-    atomic_write(csv_path, phrase_table_csv(rows))
+    atomic_write(csv_path, phrase_table_csv(rows, columns))
     if markdown_path is not None:
-        atomic_write(markdown_path, phrase_table_markdown(rows))
+        atomic_write(markdown_path, phrase_table_markdown(rows, columns=columns))
+
+
+#: Per-phrase columns that a comparison repeats for the reference predictions.
+COMPARED_COLUMNS = ("F1", "F1@0.5", "IL_accuracy", "mIoU", "count_mae")
+
+
+def compare_phrase_rows(rows: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]],
+                        name: str = "baseline") -> tuple[list[dict[str, Any]], list[str]]:
+    """Per-phrase rows of a run with ``{name}_<column>`` of a reference run on the same queries beside them.
+
+    Returns the merged rows (the run's order) and their columns.
+    """
+    by_phrase = {row["phrase"]: row for row in reference}
+    if set(by_phrase) != {row["phrase"] for row in rows}:
+        raise ValueError("the two prediction files were scored on different phrases")
+    merged = [{**row, **{f"{name}_{c}": by_phrase[row["phrase"]][c] for c in COMPARED_COLUMNS}} for row in rows]
+    columns = ["phrase", "queries", "positives", "gt"]
+    for column in COMPARED_COLUMNS:
+        columns += [column, f"{name}_{column}"]
+    return merged, columns
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +156,31 @@ def query_grid_figure(best: Sequence[QueryView], worst: Sequence[QueryView],
             ax.imshow(panel)
             ax.set_title(title, fontsize=7)
             ax.set_axis_off()
+    figure.tight_layout()
+    return figure
+
+
+def reliability_figure(curves: Mapping[str, Calibration], inches: float = 4.0) -> Figure:
+    """Reliability diagram: precision (IoU >= 0.5) against mean score per score bin, one line per curve,
+    with the detections per bin underneath; a calibrated model lies on the diagonal."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(inches, inches * 1.4), dpi=100)
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for i, (name, cal) in enumerate(curves.items()):
+        filled = cal.count > 0
+        centres = (cal.edges[:-1] + cal.edges[1:]) / 2
+        top.plot(cal.mean_score[filled], cal.precision[filled], marker="o", label=f"{name} (ECE {cal.ece:.3f})")
+        width = (cal.edges[1] - cal.edges[0]) / (len(curves) + 1)
+        bottom.bar(centres - 0.5 * (cal.edges[1] - cal.edges[0]) + (i + 1) * width, cal.count, width=width,
+                   label=name)
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="fraction right (IoU >= 0.5)", title="score calibration")
+    top.legend(fontsize=7, loc="upper left")
+    bottom.set(xlabel="detection score", ylabel="detections")
+    bottom.set_yscale("symlog")
     figure.tight_layout()
     return figure
 

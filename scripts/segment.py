@@ -34,7 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the instances as COCO-style records (RLE masks)")
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum score (match x presence)")
     parser.add_argument("--top-k", type=int, default=100, help="instances per phrase at most")
-    parser.add_argument("--no-refine", action="store_true", help="skip SAM2 mask refinement")
+    parser.add_argument("--masks", choices=("auto", "sam2", "head"), default="auto",
+                        help="instance masks from SAM2's decoder given the boxes, or the grounding head's own "
+                             "(auto: what the checkpoint's run validated with)")
+    parser.add_argument("--nms-iou", type=float, default=None,
+                        help="drop detections overlapping a higher-scoring one by box IoU above this")
     parser.add_argument("--tile", type=int, default=0, help="tile size for large images (0: whole image)")
     parser.add_argument("--overlap", type=int, default=256, help="tile overlap in pixels")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -50,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     image = np.asarray(Image.open(image_path).convert("RGB"))
     segmenter = Segmenter(load_model(args.checkpoint), score_threshold=args.threshold, top_k=args.top_k,
-                          refine=not args.no_refine, device=args.device)
+                          refine={"auto": None, "sam2": True, "head": False}[args.masks], nms_iou=args.nms_iou,
+                          device=args.device)
     if args.tile:
         found = segmenter.segment_tiled(image, phrases, TilingConfig(tile_size=args.tile, overlap=args.overlap))
     else:

@@ -138,3 +138,29 @@ def test_cli_refuses_a_grid_without_images_and_names_a_missing_image(tmp_path, h
             ]
         )
     assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_compares_with_a_baseline_side_by_side(tmp_path, capsys):
+    data = make_synthetic_saco(40, seed=41)
+    write_json(tmp_path / "gt.json", data.ground_truths[0])
+    write_json(tmp_path / "pred.json", data.predictions)
+    write_json(tmp_path / "base.json", data.predictions[::2])  # a weaker run: half the predictions
+    out = tmp_path / "cmp"
+    assert main(["--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "pred.json"),
+                 "--baseline", str(tmp_path / "base.json"), "--baseline-name", "heuristic",
+                 "--out", str(out / "metrics.json"), "--per-phrase", str(out / "cmp.csv"),
+                 "--calibration", str(out / "calibration.png")]) == 0
+    printed = capsys.readouterr().out
+    model = evaluate_files(tmp_path / "gt.json", tmp_path / "pred.json")
+    baseline = evaluate_files(tmp_path / "gt.json", tmp_path / "base.json")
+    line = next(row for row in printed.splitlines() if row.startswith("cgF1 "))
+    assert line.split()[1:] == [f"{model['cgF1']:.4f}", f"{baseline['cgF1']:.4f}",
+                                f"{model['cgF1'] - baseline['cgF1']:+.4f}"]
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["baseline_metrics"] == pytest.approx(baseline)
+    with open(out / "cmp.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"F1", "heuristic_F1", "IL_accuracy", "heuristic_IL_accuracy"} <= set(rows[0])
+    assert any(r["F1"] != r["heuristic_F1"] for r in rows)
+    with Image.open(out / "calibration.png") as picture:
+        assert picture.size[0] > 100

@@ -104,6 +104,24 @@ def test_every_weight_is_a_constructor_argument(trained_outputs):
     assert torch.allclose(only_giou["loss_giou_o2m"], default_o2m["loss_giou_o2m"] / 4)  # 0.5 vs 2.0
 
 
+def test_mask_stride_compares_upsampled_head_masks_at_full_resolution(trained_outputs):
+    from sam3.train.loss.loss_fns import dice_loss
+
+    _, batch, out = trained_outputs
+    native, same, full = (GroundingLoss(mask_stride=s)(out, batch) for s in (None, 4, 1))
+    assert torch.equal(native["loss_dice"], same["loss_dice"])  # stride 4 is the head's own 32 px at 128 px
+    assert torch.equal(native["loss_giou"], full["loss_giou"]) and torch.equal(native["loss_ce"], full["loss_ce"])
+    assert not torch.allclose(native["loss_dice"], full["loss_dice"])
+    rows, queries, target = out["indices"]
+    target = torch.arange(len(rows)) if target is None else target
+    logits = F.interpolate(out["pred_masks"][rows, queries][:, None], size=batch.masks.shape[-2:], mode="bilinear",
+                           align_corners=False)[:, 0]
+    expected = dice_loss(logits.flatten(1), batch.masks[target].float().flatten(1), num_boxes=len(rows))
+    assert torch.allclose(full["loss_dice"], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="mask_stride"):
+        GroundingLoss(mask_stride=0)
+
+
 def test_outputs_without_matching_are_refused(trained_outputs):
     _, batch, out = trained_outputs
     with pytest.raises(ValueError, match="targets=batch"):

@@ -114,6 +114,43 @@ def test_postprocess_scores_keep_and_masks(model, grounding_batch):
         assert torch.allclose(post["presence"], out["presence_logit_dec"][:, 0].sigmoid())
 
 
+def test_postprocess_nms_drops_duplicates_of_a_kept_box_only(model, grounding_batch):
+    b = grounding_batch
+    with torch.no_grad():
+        out = model(b.images, b.phrases, b.query_image)
+    out = dict(out)
+    boxes = out["pred_boxes_xyxy"].clone()
+    boxes[0, :3] = torch.tensor([0.1, 0.1, 0.4, 0.4])  # query 0: three copies of one box ...
+    boxes[0, 3] = torch.tensor([0.6, 0.6, 0.9, 0.9])  # ... and one elsewhere
+    logits = torch.full_like(out["pred_logits"], -20.0)
+    logits[0, :4] = 20.0
+    out.update(pred_boxes_xyxy=boxes, pred_logits=logits, presence_logit_dec=torch.full_like(
+        out["presence_logit_dec"], 20.0))
+    plain = model.postprocess(out, top_k=5, score_threshold=0.5, refine=False)
+    suppressed = model.postprocess(out, top_k=5, score_threshold=0.5, refine=False, nms_iou=0.5)
+    assert int(plain["keep"][0].sum()) == 4
+    assert int(suppressed["keep"][0].sum()) == 2  # one of the three copies and the other box
+    kept_boxes = suppressed["boxes_xyxy"][0][suppressed["keep"][0]]
+    assert torch.allclose(kept_boxes.sort(0).values, torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.6, 0.6, 0.9, 0.9]]))
+    assert not suppressed["masks"][0][~suppressed["keep"][0]].any()
+
+
+def test_postprocess_mask_source_follows_refine_masks(model, grounding_batch):
+    b = grounding_batch
+    with torch.no_grad():
+        out = model(b.images, b.phrases, b.query_image)
+    head = model.postprocess(out, top_k=3, score_threshold=0.0, refine=False)
+    sam2 = model.postprocess(out, top_k=3, score_threshold=0.0, refine=True)
+    assert not torch.equal(head["masks"], sam2["masks"])
+    original = model.refine_masks
+    try:
+        for flag, expected in ((False, head), (True, sam2)):
+            model.refine_masks = flag
+            assert torch.equal(model.postprocess(out, top_k=3, score_threshold=0.0)["masks"], expected["masks"])
+    finally:
+        model.refine_masks = original
+
+
 def test_geometric_prompts_alone(model, grounding_batch):
     images = grounding_batch.images
     box = torch.tensor([[10, 15, 50, 55], [30, 30, 90, 75]]) / SIZE

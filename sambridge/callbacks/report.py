@@ -17,6 +17,7 @@ from sambridge.report import (
     log_figure,
     query_grid_figure,
     rank_queries,
+    reliability_figure,
     save_figure,
     write_phrase_table,
 )
@@ -34,9 +35,10 @@ def query_quality(pred_masks, scores, gt_masks, score_threshold: float = DEFAULT
 
 
 class EvaluationReport(Callback):
-    """Writes ``{stage}_step{N}_per_phrase.csv/.md`` and ``{stage}_step{N}_queries.png`` (the best and
-    worst of the first ``candidates`` queries: image, ground truth, prediction) into
-    ``output_dir`` and logs the picture to a wandb or TensorBoard logger.
+    """Writes ``{stage}_step{N}_per_phrase.csv/.md``, ``{stage}_step{N}_queries.png`` (the best and
+    worst of the first ``candidates`` queries: image, ground truth, prediction) and
+    ``{stage}_step{N}_calibration.png`` (reliability diagram of the detection scores) into
+    ``output_dir`` and logs the pictures to a wandb or TensorBoard logger.
 
     Expects the module's ``validation_step``/``test_step`` to return ``predictions`` (as
     ``GroundedSAM2.postprocess``) and to hold ``val_metrics``/``test_metrics``
@@ -94,7 +96,8 @@ class EvaluationReport(Callback):
         metrics = getattr(pl_module, f"{stage}_metrics", None)
         if metrics is None or trainer.sanity_checking:
             return
-        rows = metrics.per_phrase()  # a collective under DDP: every rank calls it
+        rows = metrics.per_phrase()  # collectives under DDP: every rank calls them
+        reliability = metrics.calibration()
         if trainer.is_global_zero:
             out = self._dir(trainer)
             stem = out / f"{stage}_step{trainer.global_step:07d}"
@@ -104,6 +107,9 @@ class EvaluationReport(Callback):
             figure = query_grid_figure([self.views[i] for i in best], [self.views[i] for i in worst])
             save_figure(figure, f"{stem}_queries.png")
             log_figure(trainer.logger, figure, key=f"{stage}/queries", step=trainer.global_step)
+            figure = reliability_figure({stage: reliability})
+            save_figure(figure, f"{stem}_calibration.png")
+            log_figure(trainer.logger, figure, key=f"{stage}/calibration", step=trainer.global_step)
         self.views, self.quality = [], []
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

@@ -85,6 +85,10 @@ class GroundingLoss(nn.Module):
         refine_iou: Weight of SAM2's L1 loss on its predicted mask IoU.
         refine_object_score: Weight of SAM2's object-score loss.
         refine_supervise_all_iou: With several masks per box, supervise every IoU prediction.
+        mask_stride: Compare the head's matched masks with the ground truth at this stride of the
+            input canvas (1 = full resolution: the stride-4 logits are upsampled bilinearly first,
+            as at inference, so boundaries are learnt below the head's own resolution); ``None``
+            (SAM3's recipe): at the head's own mask resolution.
     """
 
     def __init__(
@@ -111,8 +115,12 @@ class GroundingLoss(nn.Module):
         refine_iou: float = 1.0,
         refine_object_score: float = 1.0,
         refine_supervise_all_iou: bool = True,
+        mask_stride: int | None = None,
     ) -> None:
         super().__init__()
+        if mask_stride is not None and mask_stride < 1:
+            raise ValueError(f"mask_stride must be a positive integer or None, got {mask_stride}")
+        self.mask_stride = mask_stride
         apply_sam3_compat()  # sam3's Masks loss defaults to a CUDA-only Triton kernel
         self.presence_weight = presence
         self.presence_alpha = presence_alpha
@@ -172,7 +180,10 @@ class GroundingLoss(nn.Module):
                 "outputs carry no matching: call model(images, phrases, query_image, targets=batch)"
             )
         device = outputs["pred_logits"].device
-        targets = to_sam3_targets(batch, mask_size=tuple(outputs["pred_masks"].shape[-2:]), device=device)
+        mask_size = tuple(outputs["pred_masks"].shape[-2:])
+        if self.mask_stride is not None:
+            mask_size = tuple(max(1, side // self.mask_stride) for side in batch.images.shape[-2:])
+        targets = to_sam3_targets(batch, mask_size=mask_size, device=device)
         self.detector_loss.normalization = "global" if _distributed() else "local"
         sam3_terms = self.detector_loss.compute_loss(_without_presence(outputs), targets)
         total = sam3_terms.pop(loss_fns.CORE_LOSS_KEY)

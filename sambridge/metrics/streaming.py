@@ -35,6 +35,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from data_pipelines.batch import GroundingBatch
 from sambridge.metrics.ap import DEFAULT_MAX_DETS, average_precision
+from sambridge.metrics.calibration import Calibration, calibration
 from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD, IOU_THRESHOLDS
 from sambridge.metrics.masks import mask_ious, union_overlap
 from sambridge.metrics.queries import QueryTable, match_query
@@ -48,7 +49,8 @@ class ConceptSegmentationMetrics(Metric):
 
     ``compute()`` returns a flat dict of float64 scalars (keys as
     :meth:`sambridge.metrics.queries.QueryTable.metrics` plus ``AP``, ``AP50``, ``AP75``,
-    ``AR@{max_dets}`` and ``num_skipped``), each prefixed with ``prefix``; ``query_table()`` and
+    ``AR@{max_dets}``, ``ECE`` (score calibration error,
+    :mod:`sambridge.metrics.calibration`) and ``num_skipped``), each prefixed with ``prefix``; ``query_table()`` and
     ``per_phrase()`` give the per-query and per-phrase breakdown (synced across ranks too).
 
     Args:
@@ -164,13 +166,18 @@ class ConceptSegmentationMetrics(Metric):
         return QueryTable(phrases=phrases, image_ids=image_ids, tp=stats[:, :_T], num_gt=stats[:, _T],
                           num_pred=stats[:, _T + 1], inter=stats[:, _T + 2], union=stats[:, _T + 3])
 
+    def _detection_records(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (D,) and matched flags (D, T) of the top detections of every query."""
+        records = self._state("detections", 2)
+        return records[:, 0], (records[:, 1:].astype(np.int64) & _BITS) > 0
+
     def compute(self) -> dict[str, Tensor]:
         table = self._table()
         out = table.metrics()
-        records = self._state("detections", 2)
-        matched = (records[:, 1:].astype(np.int64) & _BITS) > 0
-        out.update(average_precision(records[:, 0], matched, np.zeros_like(matched),
+        scores, matched = self._detection_records()
+        out.update(average_precision(scores, matched, np.zeros_like(matched),
                                      num_gt=int(table.num_gt.sum()), max_dets=self.max_dets))
+        out["ECE"] = calibration(scores, matched[:, 0]).ece
         out["num_skipped"] = float(self.num_skipped)
         return {f"{self.prefix}{k}": torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
 
@@ -178,6 +185,12 @@ class ConceptSegmentationMetrics(Metric):
         """Per-query statistics of every query seen (all ranks), in update order, rank by rank."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self.sync_on_compute):
             return self._table()
+
+    def calibration(self) -> Calibration:
+        """Reliability of the kept detections' scores over all ranks (:mod:`sambridge.metrics.calibration`)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self.sync_on_compute):
+            scores, matched = self._detection_records()
+        return calibration(scores, matched[:, 0])
 
     def per_phrase(self) -> list[dict[str, float | int | str | None]]:
         """Per-phrase rows (:meth:`sambridge.metrics.queries.QueryTable.per_phrase`) over all ranks."""

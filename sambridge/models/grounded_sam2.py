@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from sam3.model.data_misc import FindStage
 from torch import Tensor, nn
+from torchvision.ops import batched_nms
 
 from data_pipelines.batch import GroundingBatch
 from sambridge.models.grounding_head import HEAD_MODULES
@@ -63,6 +64,11 @@ class GroundedSAM2(nn.Module):
         matcher: One-to-one matcher used when targets are given (default: SAM3's, NaN-guarded).
         refine_multimask_output: In training, let SAM2's decoder return 3 masks per matched box
             (the loss then supervises the best one); SAM2 itself uses one mask for box prompts.
+        refine_masks: What ``postprocess`` does when not told: instance masks from SAM2's decoder
+            prompted with the predicted boxes (True), or the head's own masks (False). SAM2's decoder
+            refines well once trained (official weights); from random weights the head's masks learn
+            several times faster (``docs/training.md``), so ``GroundingModule`` sets this from
+            whether the run started from a SAM2 checkpoint.
     """
 
     def __init__(
@@ -72,9 +78,11 @@ class GroundedSAM2(nn.Module):
         prompt_decoder: Sam2PromptDecoder | None = None,
         matcher: FiniteCostMatcher | None = None,
         refine_multimask_output: bool = False,
+        refine_masks: bool = True,
     ) -> None:
         super().__init__()
         check_image_size(image_size)
+        self.refine_masks = refine_masks
         self.detector = detector
         self.prompt_decoder = prompt_decoder
         self.matcher = matcher if matcher is not None else hungarian_matcher()
@@ -234,8 +242,9 @@ class GroundedSAM2(nn.Module):
         out: dict,
         top_k: int = 20,
         score_threshold: float = 0.5,
-        refine: bool = True,
+        refine: bool | None = None,
         out_hw: tuple[int, int] | None = None,
+        nms_iou: float | None = None,
     ) -> dict[str, Tensor]:
         """Top-k detections per query with masks at ``out_hw``.
 
@@ -244,8 +253,11 @@ class GroundedSAM2(nn.Module):
             top_k: Detections kept per query (K' = min(top_k, num_queries)).
             score_threshold: Detections scoring below it get ``keep=False`` and empty masks.
             refine: Instance masks from SAM2's mask decoder prompted with the predicted boxes
-                (otherwise the head's own stride-4 masks).
+                (otherwise the head's own stride-4 masks); ``None``: ``self.refine_masks``.
             out_hw: Output mask size; defaults to the input canvas size.
+            nms_iou: Also drop (``keep=False``) a detection whose box overlaps a higher-scoring kept
+                one of the same query by IoU above this (torchvision's NMS); ``None``: one-to-one
+                outputs as trained, no suppression.
 
         Returns:
             ``scores`` (Q, K'), ``boxes_xyxy`` (Q, K', 4) normalised, ``keep`` (Q, K') bool,
@@ -259,6 +271,13 @@ class GroundedSAM2(nn.Module):
         boxes = out["pred_boxes_xyxy"][rows, top.indices].clamp(0, 1)
         keep = top.values >= score_threshold
         q, k = keep.nonzero(as_tuple=True)
+        if nms_iou is not None and len(q):
+            survivors = batched_nms(boxes[q, k].float(), top.values[q, k].float(), q, nms_iou)
+            suppressed = torch.ones_like(q, dtype=torch.bool)
+            suppressed[survivors] = False
+            keep[q[suppressed], k[suppressed]] = False
+            q, k = keep.nonzero(as_tuple=True)
+        refine = self.refine_masks if refine is None else refine
         if refine and self.prompt_decoder is not None:
             logits = self.prompt_decoder(
                 out["sam2_backbone_fpn"], image_index=out["query_image"][q], boxes=boxes[q, k]

@@ -160,6 +160,7 @@ class SAM3Teacher(GroundedSAM2):
         self.image_size = image_size
         self.patch_size = patch
         self.refine_multimask_output = False
+        self.refine_masks = False
         self.bf16 = bf16
         self.model_name = model_name
         self.register_buffer("pixel_mean", torch.tensor(SAM3_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)

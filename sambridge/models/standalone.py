@@ -62,22 +62,25 @@ def save_student(model: nn.Module, name: str, model_args: dict[str, Any], path: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    args_json = json.dumps(architecture_args(model_args), sort_keys=True)
+    header = {"format": STUDENT_FORMAT, "model": name,
+              "model_args": json.dumps(architecture_args(model_args), sort_keys=True),
+              "refine_masks": json.dumps(bool(getattr(model, "refine_masks", True)))}  # its validated mask source
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        save_file(
-            state, str(tmp), metadata={"format": STUDENT_FORMAT, "model": name, "model_args": args_json}
-        )
+        save_file(state, str(tmp), metadata=header)
     else:
-        torch.save(
-            {"format": STUDENT_FORMAT, "model": name, "model_args": args_json, "state_dict": state}, tmp
-        )
+        torch.save({**header, "state_dict": state}, tmp)
     os.replace(tmp, path)
     return path
 
 
 def read_student(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """(registered name, architecture overrides, state dict) of a student file."""
+    header, state = _read_student_file(path)
+    return header["model"], json.loads(header["model_args"]), state
+
+
+def _read_student_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"student file not found: {path}")
@@ -97,7 +100,7 @@ def read_student(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str
             f"{path} is not a sambridge student file (format {found!r}, expected "
             f"{STUDENT_FORMAT!r}); write one with `sambridge export`"
         )
-    return header["model"], json.loads(header["model_args"]), state
+    return header, state
 
 
 def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
@@ -107,7 +110,9 @@ def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") ->
         path: The student file.
         device: Where the model goes.
     """
-    name, model_args, state = read_student(path)
-    model = create_model(name, **model_args)
+    header, state = _read_student_file(path)
+    model = create_model(header["model"], **json.loads(header["model_args"]))
     load_state_dict_strict(model, state, f"student file {path}")
+    if "refine_masks" in header and hasattr(model, "refine_masks"):  # files before it was recorded: the default
+        model.refine_masks = json.loads(header["refine_masks"])
     return model.eval().to(device)

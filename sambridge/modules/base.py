@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -11,6 +11,16 @@ import torch
 from torch import nn
 
 from sambridge.optim import OptimizerConfig, build_optimizer
+
+Config = TypeVar("Config")
+
+
+def config_arg(value: Config | dict[str, Any] | None, cls: type[Config]) -> Config:
+    """A dataclass argument as given, from its fields (LightningCLI passes and records dataclass arguments
+    as dicts), or its defaults when ``None``."""
+    if value is None:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
 
 
 class BaseTask(pl.LightningModule):
@@ -42,7 +52,7 @@ class BaseTask(pl.LightningModule):
                  compile: bool = False, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.optimizer_config = optimizer or OptimizerConfig()
+        self.optimizer_config = config_arg(optimizer, OptimizerConfig)
         self.compile_encoder, self.checkpoint_encoder = compile, activation_checkpointing
         self._encoder_compiled = False
         self.configure_models()

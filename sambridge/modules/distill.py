@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,14 @@ from data_pipelines.batch import GroundingBatch
 from sambridge.losses.distill import DistillLoss, DistillWeights, pooled_query_features, uses_terms
 from sambridge.models.lora import LoraSettings
 from sambridge.models.teacher_targets import STORAGE_DTYPE, select_teacher_targets
-from sambridge.modules.grounding import FinetuneMode, GroundingLossWeights, GroundingModule, PredictSettings
+from sambridge.modules.base import config_arg
+from sambridge.modules.grounding import (
+    FinetuneMode,
+    GroundingLossWeights,
+    GroundingModule,
+    PredictSettings,
+    refine_by_default,
+)
 from sambridge.optim import OptimizerConfig
 
 DistillMode = Literal["online", "offline"]
@@ -39,17 +46,6 @@ DistillMode = Literal["online", "offline"]
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 _POOLED = "pooled_features"
 _VALID = "valid"
-
-
-Config = TypeVar("Config")
-
-
-def config_arg(value: Config | dict[str, Any] | None, cls: type[Config]) -> Config:
-    """A dataclass argument as given, from its fields (LightningCLI records hyper-parameters as dicts),
-    or its defaults when ``None``."""
-    if value is None:
-        return cls()
-    return cls(**value) if isinstance(value, dict) else value
 
 
 def _is_checkpoint_path(teacher: str) -> bool:
@@ -140,6 +136,7 @@ class DistillModule(GroundingModule):
             init_head_from(self.model, teacher, source=f"teacher {hp.teacher!r}")
         apply_finetune_mode(self.model, hp.finetune, lora=config_arg(hp.lora, LoraSettings))
         self.predict_settings = config_arg(hp.prediction, PredictSettings)
+        self.model.refine_masks = refine_by_default(hp.sam2_checkpoint, self.predict_settings)
         keep = hp.mode == "online" or self._uses("text_")
         object.__setattr__(self, "teacher", teacher if keep else None)  # outside the module tree (see above)
         self.teacher_dim = self._teacher_dim(teacher)

@@ -10,7 +10,7 @@ from torch import nn
 
 from data_pipelines.batch import GroundingBatch
 from sambridge.models.lora import LoraSettings
-from sambridge.modules.base import BaseTask
+from sambridge.modules.base import BaseTask, config_arg
 from sambridge.optim import OptimizerConfig
 
 FinetuneMode = Literal["full", "frozen_encoder", "lora"]
@@ -25,12 +25,23 @@ class PredictSettings:
         score_threshold: keep detections scoring at least this (score = match x presence); the
             metrics apply SAM3's own 0.5 threshold for cgF1 on top, mask AP sees all kept.
         refine: instance masks from SAM2's prompt encoder + mask decoder given the predicted boxes
-            (otherwise the grounding head's stride-4 masks).
+            (``true``) or the grounding head's own stride-4 masks (``false``); ``null`` (default):
+            SAM2's decoder when the run starts from a SAM2 checkpoint (its decoder is trained),
+            the head's masks otherwise (a random decoder learns several times slower than the head).
+        nms_iou: drop detections whose box overlaps a higher-scoring one of the same phrase by IoU
+            above this (``null``: none; the head is trained one-to-one and needs none once trained).
     """
 
     top_k: int = 20
     score_threshold: float = 0.1
-    refine: bool = True
+    refine: bool | None = None
+    nms_iou: float | None = None
+
+
+def refine_by_default(sam2_checkpoint: str | None, prediction: PredictSettings | dict | None) -> bool:
+    """Whether instance masks come from SAM2's decoder: as configured, else iff it started from SAM2 weights."""
+    refine = config_arg(prediction, PredictSettings).refine
+    return sam2_checkpoint is not None if refine is None else refine
 
 
 @dataclass
@@ -49,6 +60,8 @@ class GroundingLossWeights:
         refine_iou: L1 on SAM2's IoU prediction.
         refine_object_score: SAM2's object-score BCE.
         o2m: multiplier of the one-to-many (DAC) query losses.
+        mask_stride: stride of the input canvas at which the head's masks are compared with the
+            ground truth (1: full resolution); ``null``: the head's own resolution (stride 4).
     """
 
     box_l1: float = 5.0
@@ -62,6 +75,7 @@ class GroundingLossWeights:
     refine_iou: float = 1.0
     refine_object_score: float = 1.0
     o2m: float = 2.0
+    mask_stride: int | None = None
 
 
 class GroundingModule(BaseTask):
@@ -102,13 +116,14 @@ class GroundingModule(BaseTask):
             overrides["image_size"] = hp.image_size
         self.model = create_model(hp.model, sam2_checkpoint=hp.sam2_checkpoint,
                                   sam3_checkpoint=hp.sam3_checkpoint, **overrides)
-        apply_finetune_mode(self.model, hp.finetune, lora=hp.lora or LoraSettings())
-        self.predict_settings = hp.prediction or PredictSettings()
+        apply_finetune_mode(self.model, hp.finetune, lora=config_arg(hp.lora, LoraSettings))
+        self.predict_settings = config_arg(hp.prediction, PredictSettings)
+        self.model.refine_masks = refine_by_default(hp.sam2_checkpoint, self.predict_settings)
 
     def configure_losses(self) -> None:
         from sambridge.losses import GroundingLoss
 
-        self.loss_fn = GroundingLoss(**asdict(self.hparams.loss or GroundingLossWeights()))
+        self.loss_fn = GroundingLoss(**asdict(config_arg(self.hparams.loss, GroundingLossWeights)))
 
     def configure_metrics(self) -> None:
         from sambridge.metrics import ConceptSegmentationMetrics
@@ -143,7 +158,7 @@ class GroundingModule(BaseTask):
         """Top-k detections per query with masks on the batch canvas."""
         s = self.predict_settings
         return self.model.postprocess(outputs, top_k=s.top_k, score_threshold=s.score_threshold,
-                                      refine=s.refine, out_hw=tuple(batch.images.shape[-2:]))
+                                      out_hw=tuple(batch.images.shape[-2:]), nms_iou=s.nms_iou)
 
     def _log_metrics(self, metrics) -> None:
         values = {name: value.float() for name, value in metrics.compute().items()}
