@@ -32,6 +32,8 @@ class GroundingBatch:
         image_ids: B original image ids (from the sample json), for exporting results.
         teacher: optional cached teacher targets per query (offline distillation), each a tensor
             whose first dimension is Q.
+        max_instances: ``num_instances.max()`` as a Python int (the collate function sets it), so that
+            padding per-query targets needs no read of a device tensor; ``None``: read when needed.
     """
 
     images: Tensor
@@ -47,6 +49,7 @@ class GroundingBatch:
     instance_query: Tensor
     image_ids: list = field(default_factory=list)
     teacher: dict[str, Tensor] | None = None
+    max_instances: int | None = None
 
     @property
     def num_images(self) -> int:

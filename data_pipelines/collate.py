@@ -294,6 +294,7 @@ def collate_samples(samples: Sequence[PreparedSample]) -> GroundingBatch:
         instance_query=torch.repeat_interleave(torch.arange(len(num_instances)), num_instances),
         image_ids=[s.image_id for s in samples],
         teacher=_collate_teacher(samples),
+        max_instances=int(num_instances.max()) if len(num_instances) else 0,
     )
 
 

@@ -34,6 +34,7 @@ from data_pipelines.pipeline import (
     StreamMode,
     make_loader,
     resolve_shards,
+    shutdown_workers,
 )
 from data_pipelines.tiling import CropConfig
 from data_pipelines.vocab import Vocabulary, load_vocabulary
@@ -151,6 +152,7 @@ class ShardDataModule(LightningDataModule):
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches consumed) from a checkpoint
         self.streams: dict[Split, ShardStream] = {}
+        self._loaders: list[wds.WebLoader] = []  # stopped in teardown
         self._shared_epoch: SharedEpoch | None = None  # created in setup: shared memory does not pickle
 
     # ------------------------------------------------------------------ set-up
@@ -221,8 +223,18 @@ class ShardDataModule(LightningDataModule):
             if self.sources[split] is None:
                 raise MissingSplitError(f"no {split} shards configured: set data.{split}")
             raise MissingSplitError(f"{split} was not set up: call setup() for its stage first")
-        return make_loader(self.streams[split], pin_memory=self.pin_memory and torch.cuda.is_available(),
-                           persistent_workers=self.persistent_workers)
+        loader = make_loader(self.streams[split], pin_memory=self.pin_memory and torch.cuda.is_available(),
+                             persistent_workers=self.persistent_workers)
+        self._loaders.append(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        """Stop the worker processes of every loader made so far (``persistent_workers`` keeps them alive
+        between epochs, and Lightning, which stops a plain ``DataLoader``'s, does not see inside a
+        ``WebLoader``): the process then exits without waiting for them at interpreter shutdown."""
+        for loader in self._loaders:
+            shutdown_workers(loader)
+        self._loaders.clear()
 
     def train_dataloader(self) -> wds.WebLoader:
         return self._dataloader("train")

@@ -61,6 +61,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from numpy.random import Generator
+from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from data_pipelines.schema import SampleError
 from data_pipelines.writer import MANIFEST, SIZES
@@ -618,3 +620,13 @@ def make_loader(stream: ShardStream, *, pin_memory: bool = False, persistent_wor
         return loader.with_length(len(stream), silent=True)
     except TypeError:  # shard sizes unknown
         return loader
+
+
+def shutdown_workers(loader: wds.WebLoader | DataLoader) -> None:
+    """Stop the worker processes of a loader's live iterator (persistent or not) and drop the iterator;
+    a loader without workers, or not iterated, is left as it is."""
+    inner = loader.pipeline[0] if isinstance(loader, wds.WebLoader) else loader
+    iterator = getattr(inner, "_iterator", None)
+    if isinstance(iterator, _MultiProcessingDataLoaderIter):
+        iterator._shutdown_workers()
+        inner._iterator = None

@@ -29,12 +29,13 @@ from sambridge.metrics.ap import DEFAULT_MAX_DETS, average_precision
 from sambridge.metrics.calibration import Calibration, calibration
 from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD, IOU_THRESHOLDS, select_oracle, true_positives
 from sambridge.metrics.masks import rle_ious, rle_union_overlap
-from sambridge.metrics.queries import QueryMatch, QueryTable, match_query, stack_ap_records
+from sambridge.metrics.queries import QueryMatch, QueryTable, count_duplicates, match_query, stack_ap_records
 from sambridge.metrics.saco import SacoGroundTruth, gc_paused, load_ground_truth, load_predictions, write_json
 
 #: Metrics the printed summary shows, in order (the JSON has them all).
 HEADLINE = ("cgF1", "pmF1", "IL_MCC", "cgF1@0.5", "cgF1@0.75", "positive_macro_F1", "IL_F1", "AP", "AP50",
-            "AP75", "mIoU", "cIoU", "count_mae", "count_exact", "ECE", "num_queries", "num_positive", "num_skipped")
+            "AP75", "mIoU", "cIoU", "count_mae", "count_exact", "duplicate_rate", "ECE", "num_queries", "num_positive",
+            "num_skipped")
 
 
 @dataclass
@@ -91,7 +92,7 @@ def evaluate_saco(gts: SacoGroundTruth | Sequence[SacoGroundTruth], predictions:
 
     versions, thresholds = len(gts), len(IOU_THRESHOLDS)
     tp = np.zeros((versions, len(ids), thresholds), dtype=np.int64)
-    num_gt, inter, union = (np.zeros((versions, len(ids)), dtype=np.int64) for _ in range(3))
+    num_gt, inter, union, num_dup = (np.zeros((versions, len(ids)), dtype=np.int64) for _ in range(4))
     num_pred = np.zeros(len(ids), dtype=np.int64)
     ap_records: list[QueryMatch] = []
     for q, image_id in enumerate(tqdm(ids, desc="queries", disable=not progress)):
@@ -106,7 +107,11 @@ def evaluate_saco(gts: SacoGroundTruth | Sequence[SacoGroundTruth], predictions:
         num_pred[q] = len(detections)
         for v, gt in enumerate(gts):
             instances = gt.instances[image_id]
-            tp[v, q] = match.tp if v == 0 else true_positives(rle_ious(detections, instances))
+            if v == 0:
+                tp[v, q], num_dup[v, q] = match.tp, match.duplicates
+            else:
+                ious = rle_ious(detections, instances)
+                tp[v, q], num_dup[v, q] = true_positives(ious), count_duplicates(ious)
             num_gt[v, q] = len(instances)
             inter[v, q], union[v, q] = rle_union_overlap(detections, instances)
 
@@ -114,7 +119,7 @@ def evaluate_saco(gts: SacoGroundTruth | Sequence[SacoGroundTruth], predictions:
     rows = np.arange(len(ids))
     table = QueryTable(phrases=[gts[0].images[i]["text_input"] for i in ids], image_ids=list(ids),
                        tp=tp[choice, rows], num_gt=num_gt[choice, rows], num_pred=num_pred,
-                       inter=inter[choice, rows], union=union[choice, rows])
+                       inter=inter[choice, rows], union=union[choice, rows], num_dup=num_dup[choice, rows])
     metrics = table.metrics()
     in_coco_order = [ap_records[i] for i in np.argsort(ids, kind="stable")]  # COCOeval sorts image ids
     scores, matched, ignored = stack_ap_records(in_coco_order)
@@ -179,15 +184,16 @@ def format_comparison(metrics: dict[str, float], reference: dict[str, float], na
             lines.append(f"{k:<{width}}  {int(a):>10}  {int(b):>10}")
         else:
             lines.append(f"{k:<{width}}  {a:>10.4f}  {b:>10.4f}  {a - b:>+10.4f}")
-    lines.append("(cgF1 and pmF1 in percent, as SAM3 reports them; lower is better for count_mae and ECE)")
+    lines.append("(cgF1 and pmF1 in percent, as SAM3 reports them; lower is better for count_mae, "
+                 "duplicate_rate and ECE)")
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sambridge evaluate",
-        description="SA-Co metrics (cgF1, pmF1, IL_MCC as SAM3 computes them), mask AP, IoU and counting "
-                    "error of COCO-format predictions against SA-Co ground truth.")
+        description="SA-Co metrics (cgF1, pmF1, IL_MCC as SAM3 computes them), mask AP, IoU, counting "
+                    "error and duplicate rate of COCO-format predictions against SA-Co ground truth.")
     parser.add_argument("--gt", nargs="+", required=True, metavar="GT.json",
                         help="SA-Co ground truth; several files = versions of it (SAM3's oracle evaluation)")
     parser.add_argument("--pred", required=True, metavar="PRED.json", help="COCO results list")

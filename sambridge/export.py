@@ -108,10 +108,10 @@ def model_from_checkpoint(path: str | os.PathLike, merge: bool = True) -> tuple[
     load_state_dict_strict(model, state, f"checkpoint {path} ({_MODEL_PREFIX}* entries)")
     if lora and merge:
         merge_lora(model)
-    if hasattr(model, "refine_masks"):  # the mask source the run validated with
-        from sambridge.modules.grounding import refine_by_default
+    if hasattr(model, "refine_masks"):  # the mask source, outputs and NMS the run validated with
+        from sambridge.modules.grounding import apply_prediction_settings
 
-        model.refine_masks = refine_by_default(hparams.get("sam2_checkpoint"), hparams.get("prediction"))
+        apply_prediction_settings(model, hparams.get("sam2_checkpoint"), hparams.get("prediction"))
     return model.eval(), name, model_args
 
 

@@ -27,6 +27,9 @@ class OptimizerConfig:
         warmup_start_factor: learning-rate factor at step 0.
         min_lr_ratio: the cosine schedule ends at ``min_lr_ratio * lr``.
         total_steps: schedule length; ``None`` takes the trainer's estimated stepping batches.
+        fused: torch's fused AdamW (one kernel for all parameters, no host synchronisation);
+            ``null``: fused when every trainable parameter is on a GPU, torch's default otherwise.
+            Gradient clipping works with either (``BaseTask.configure_gradient_clipping``).
     """
 
     lr: float = 1e-4
@@ -38,6 +41,7 @@ class OptimizerConfig:
     warmup_start_factor: float = 0.01
     min_lr_ratio: float = 0.01
     total_steps: int | None = None
+    fused: bool | None = None
 
 
 _NO_DECAY = re.compile(r"pos_embed|position|embedding|token|no_mem|norm|\.ln_")
@@ -90,6 +94,8 @@ def build_optimizer(named_groups: dict[str, list[tuple[str, nn.Parameter]]], con
     groups = build_param_groups(named_groups, config)
     if not groups:
         raise ValueError("no trainable parameters: check the fine-tuning mode")
-    fused = all(p.is_cuda for g in groups for p in g["params"])
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused or None)
+    fused = config.fused
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"]) or None
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused)
     return optimizer, warmup_cosine(optimizer, config, total_steps)

@@ -263,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report(result))
     print(json.dumps(result, indent=1))
     if args.json:
+        from data_pipelines.writer import write_json_atomic
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json_atomic(args.json, result)
     return 0
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Training speed of GroundingModule under Lightning against a plain PyTorch loop, and peak
-memory of full against LoRA fine-tuning. Prints a table and JSON.
+"""Training speed of GroundingModule under Lightning against a plain PyTorch loop, host
+synchronisations and operators per training step, and peak memory of full against LoRA
+fine-tuning. Prints a table and JSON.
 
     python scripts/bench_train.py                                   # tiny model, CPU
+    python scripts/bench_train.py --smoke                           # seconds: every number, tiny
     python scripts/bench_train.py --model grounded_sam2_hiera_t --image-size 1024 --batch-size 2 \\
         --device cuda --precision bf16-mixed --json bench_train.json
 
@@ -10,6 +12,18 @@ Both loops run the same forward, loss, backward and optimiser step (AdamW over t
 parameter groups, gradient clipping) on the same pre-collated batches of synthetic shards, so the
 ratio measures Lightning's overhead. Memory is measured in a fresh process per fine-tuning mode:
 peak CUDA memory on a GPU, peak resident memory growth on the CPU.
+
+Host synchronisations are counted under the torch profiler over a few Lightning training steps set
+up as a shipped GPU config runs them (fused AdamW, gradient clipping, progress bar, a logger), so
+they can be counted on a CPU: every operator that makes a GPU wait for the host to read a value
+(``aten::_local_scalar_dense``: ``.item()``, ``int()``/``float()``/``bool()`` of a tensor; operators
+whose output size depends on the data: ``nonzero``, boolean indexing, ``masked_select``, ``unique``;
+``torch.equal``) plus explicit copies to the host (``.cpu()``, ``.tolist()``, seen by a
+torch-function mode since on a CPU they dispatch nothing). On a CPU every tensor is on the host, so
+the count is an upper bound of what a GPU run waits for (a ``.cpu()`` of a tensor that is already on
+the host counts too). ``repeat_interleave`` without ``output_size`` counts once (a CUDA device syncs
+once; the CPU kernel reads two scalars). Top-level operators are the ``aten::`` calls made from
+Python (not from inside another operator): a measure of per-step launch overhead.
 """
 
 from __future__ import annotations
@@ -38,10 +52,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop; best is kept")
+    parser.add_argument("--profile-steps", type=int, default=4, help="training steps profiled for host syncs")
+    parser.add_argument("--fused", choices=["auto", "true", "false"], default="true",
+                        help="AdamW implementation in the sync count: fused (what a GPU run builds), "
+                             "or the device's default (auto)")
+    parser.add_argument("--gradient-clip-val", type=float, default=0.1)
+    parser.add_argument("--skip-speed", action="store_true", help="only count host syncs and ops")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a seconds-long run of every measurement at 64 px (checks the script, not the speed)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--memory-only", choices=["full", "lora"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.image_size, args.batch_size, args.steps, args.warmup, args.repeats = 64, 2, 2, 1, 1
+        args.profile_steps = min(args.profile_steps, 2)
+    return args
 
 
 def make_batches(args: argparse.Namespace, data_dir: Path) -> list:
@@ -58,13 +84,13 @@ def make_batches(args: argparse.Namespace, data_dir: Path) -> list:
     return list(itertools.islice(iter(dm.train_dataloader()), 16))
 
 
-def build_module(args: argparse.Namespace, finetune: str = "full"):
+def build_module(args: argparse.Namespace, finetune: str = "full", fused: bool | None = None):
     from sambridge.modules import GroundingModule
     from sambridge.optim import OptimizerConfig
 
     torch.manual_seed(0)
     return GroundingModule(model=args.model, finetune=finetune, image_size=args.image_size,
-                           optimizer=OptimizerConfig(lr=1e-4, warmup_steps=0, total_steps=10_000))
+                           optimizer=OptimizerConfig(lr=1e-4, warmup_steps=0, total_steps=10_000, fused=fused))
 
 
 def make_optimizer(module) -> torch.optim.Optimizer:
@@ -143,6 +169,159 @@ def lightning_loop(args: argparse.Namespace, batches: list) -> float:
     return timer.steps / (timer.end - timer.start)
 
 
+SYNC_OPS = {
+    "aten::_local_scalar_dense": "item",  # .item(), int()/float()/bool() of a tensor, C++ reads of a scalar
+    "aten::nonzero": "nonzero",  # also boolean-mask indexing and torch.where(cond)
+    "aten::masked_select": "masked_select",
+    "aten::_unique2": "unique",
+    "aten::unique_dim": "unique",
+    "aten::unique_consecutive": "unique",
+    "aten::equal": "equal",
+}
+"""Profiler events that make a CUDA device wait for the host, and the kind they are counted under."""
+
+HOST_COPIES = ("cpu", "tolist")
+"""Tensor methods that copy to the host (seen through a torch-function mode: on a CPU they dispatch nothing;
+``numpy()`` takes host tensors only)."""
+
+
+HOST_ONLY_PARENTS = ("aten::_fused_adamw_", "aten::_fused_adam_", "aten::_assert_async")
+"""Operators whose scalar reads happen on a CPU only: the fused optimisers' CPU kernels read each
+parameter's step count, ``_assert_async`` checks on the host; on a GPU both stay on the device."""
+
+
+def _aten_ancestor(event):
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith("aten::"):
+        parent = parent.cpu_parent
+    return parent
+
+
+def count_syncs_and_ops(events, host_copies: dict[str, int]) -> tuple[dict[str, int], int]:
+    """Host syncs by kind, and the number of top-level ``aten::`` operators, in profiler ``events``."""
+    syncs: dict[str, int] = {}
+    top_level = 0
+    for event in events:
+        if not event.name.startswith("aten::"):
+            continue
+        ancestor = _aten_ancestor(event)
+        if ancestor is None:
+            top_level += 1
+        kind = SYNC_OPS.get(event.name)
+        if event.name == "aten::repeat_interleave" and ancestor is None:
+            kind = "repeat_interleave"  # counted once here; its inner scalar reads are skipped below
+        elif kind == "item" and ancestor is not None and ancestor.name == "aten::repeat_interleave":
+            kind = None
+        elif kind == "nonzero" and ancestor is not None and ancestor.name in SYNC_OPS:
+            kind = None
+        if kind and any(a.name in HOST_ONLY_PARENTS for a in _ancestors(event)):
+            kind = None
+        if kind == "repeat_interleave" and not any(c.name == "aten::_local_scalar_dense"
+                                                  for c in _descendants(event)):
+            kind = None  # given output_size: no sync
+        if kind:
+            syncs[kind] = syncs.get(kind, 0) + 1
+    for name, count in host_copies.items():
+        if count:
+            syncs[name] = syncs.get(name, 0) + count
+    return syncs, top_level
+
+
+def _ancestors(event):
+    parent = event.cpu_parent
+    while parent is not None:
+        yield parent
+        parent = parent.cpu_parent
+
+
+def _descendants(event):
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
+
+
+class _HostCopies:
+    """A torch-function mode counting ``.cpu()`` and ``.tolist()`` calls (built lazily)."""
+
+    def __new__(cls):
+        from torch.overrides import TorchFunctionMode
+
+        class HostCopies(TorchFunctionMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.counts = dict.fromkeys(HOST_COPIES, 0)
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name in self.counts:
+                    self.counts[name] += 1
+                return func(*args, **(kwargs or {}))
+
+        return HostCopies()
+
+
+class _SyncProfiler:
+    """Profiles training steps ``[start, start + steps)`` of a fit (a Lightning callback, built lazily):
+    from one step's start to the start of the step after the last, so each step's hooks, logging,
+    progress bar and next-batch fetch are in."""
+
+    def __new__(cls, start: int, steps: int):
+        from lightning.pytorch.callbacks import Callback
+        from torch.profiler import ProfilerActivity, profile
+
+        class SyncProfiler(Callback):
+            def __init__(self) -> None:
+                self.profiler = self.copies = None
+                self.syncs: dict[str, int] = {}
+                self.top_level_ops = 0
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                if trainer.global_step == start:
+                    self.profiler = profile(activities=[ProfilerActivity.CPU])
+                    self.copies = _HostCopies()
+                    self.profiler.__enter__()
+                    self.copies.__enter__()
+                elif trainer.global_step == start + steps:
+                    self._stop()
+
+            def on_train_end(self, trainer, pl_module) -> None:
+                self._stop()
+
+            def _stop(self) -> None:
+                if self.profiler is None:
+                    return
+                self.copies.__exit__(None, None, None)
+                self.profiler.__exit__(None, None, None)
+                self.syncs, self.top_level_ops = count_syncs_and_ops(self.profiler.events(), self.copies.counts)
+                self.profiler = None
+
+        return SyncProfiler()
+
+
+def host_syncs(args: argparse.Namespace, batches: list, log_dir: Path) -> dict:
+    """Host syncs and top-level operators per training step of a Lightning fit set up as a shipped GPU
+    config (fused AdamW unless ``--fused``, gradient clipping, progress bar, CSV logger)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    fused = {"auto": None, "true": True, "false": False}[args.fused]
+    module = build_module(args, fused=fused)
+    start = 2  # after the first steps' one-off work
+    profiler = _SyncProfiler(start, args.profile_steps)
+    trainer = pl.Trainer(accelerator="gpu" if "cuda" in args.device else "cpu", devices=1,
+                         precision=args.precision, max_steps=start + args.profile_steps + 1,
+                         logger=CSVLogger(log_dir), log_every_n_steps=50, enable_checkpointing=False,
+                         enable_model_summary=False, gradient_clip_val=args.gradient_clip_val,
+                         num_sanity_val_steps=0, callbacks=[profiler])
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    steps = args.profile_steps
+    by_kind = {kind: count / steps for kind, count in sorted(profiler.syncs.items())}
+    return {"host_syncs_per_step": sum(by_kind.values()), "host_syncs_by_kind": by_kind,
+            "top_level_ops_per_step": profiler.top_level_ops / steps, "profiled_steps": steps,
+            "optimizer_fused": fused}
+
+
 def peak_memory(args: argparse.Namespace, finetune: str, batches: list) -> float:
     """Peak memory (MB) of a few training steps above what model and data hold before them: CUDA
     max allocated, or on the CPU the growth of the peak resident set (Linux /proc)."""
@@ -190,32 +369,42 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory_only:
             print(peak_memory(args, args.memory_only, batches))
             return 0
-        plain, lightning = [], []
-        for _ in range(args.repeats):  # alternate to spread machine noise over both
-            plain.append(plain_loop(args, batches))
-            lightning.append(lightning_loop(args, batches))
-        memory = {mode: memory_in_subprocess(args, mode, data_dir) for mode in ("full", "lora")}
+        syncs = host_syncs(args, batches, Path(tmp) / "logs")
+        plain, lightning, memory = [], [], {}
+        if not args.skip_speed:
+            for _ in range(args.repeats):  # alternate to spread machine noise over both
+                plain.append(plain_loop(args, batches))
+                lightning.append(lightning_loop(args, batches))
+            memory = {mode: memory_in_subprocess(args, mode, data_dir) for mode in ("full", "lora")}
     device = torch.cuda.get_device_name() if "cuda" in args.device else f"CPU ({torch.get_num_threads()} threads)"
     result = {
         "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
-        "precision": args.precision, "device": device, "steps": args.steps,
-        "plain_steps_per_s": max(plain), "lightning_steps_per_s": max(lightning),
-        "lightning_over_plain": max(lightning) / max(plain),
-        "images_per_s": max(lightning) * args.batch_size,
-        "peak_memory_mb": memory, "lora_over_full_memory": memory["lora"] / memory["full"],
+        "precision": args.precision, "device": device, "steps": args.steps, "smoke": args.smoke,
+        **syncs,
+        "plain_steps_per_s": max(plain, default=None), "lightning_steps_per_s": max(lightning, default=None),
+        "lightning_over_plain": max(lightning) / max(plain) if plain else None,
+        "images_per_s": max(lightning) * args.batch_size if lightning else None,
+        "peak_memory_mb": memory, "lora_over_full_memory": memory["lora"] / memory["full"] if memory else None,
     }
+    kinds = ", ".join(f"{kind} {n:g}" for kind, n in syncs["host_syncs_by_kind"].items()) or "none"
+    optimizer = {None: "device default", True: "fused", False: "for-loop/foreach"}[syncs["optimizer_fused"]]
     rows = [("device", device), ("model", f"{args.model} @ {args.image_size}px, batch {args.batch_size}"),
-            ("plain PyTorch loop", f"{result['plain_steps_per_s']:.2f} steps/s"),
-            ("Lightning GroundingModule", f"{result['lightning_steps_per_s']:.2f} steps/s"),
-            ("Lightning / plain", f"{result['lightning_over_plain']:.3f} (target >= 0.95)"),
-            ("peak memory, full fine-tuning", f"{memory['full']:.0f} MB"),
-            ("peak memory, LoRA", f"{memory['lora']:.0f} MB"),
-            ("LoRA / full memory", f"{result['lora_over_full_memory']:.2f}")]
+            ("host syncs per training step", f"{syncs['host_syncs_per_step']:g} ({kinds}; AdamW {optimizer})"),
+            ("top-level ops per training step", f"{syncs['top_level_ops_per_step']:.0f}")]
+    if plain:
+        rows += [("plain PyTorch loop", f"{result['plain_steps_per_s']:.2f} steps/s"),
+                 ("Lightning GroundingModule", f"{result['lightning_steps_per_s']:.2f} steps/s"),
+                 ("Lightning / plain", f"{result['lightning_over_plain']:.3f} (target >= 0.95)"),
+                 ("peak memory, full fine-tuning", f"{memory['full']:.0f} MB"),
+                 ("peak memory, LoRA", f"{memory['lora']:.0f} MB"),
+                 ("LoRA / full memory", f"{result['lora_over_full_memory']:.2f}")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     print(json.dumps(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        from data_pipelines.writer import write_json_atomic
+
+        write_json_atomic(args.json, result)
     return 0
 
 

@@ -16,7 +16,7 @@ from sambridge.modules import BaseTask, GroundingModule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
-TRAINER_CONFIGS = [p for p in CONFIGS if p.parent.name == "trainer"]
+TRAINER_CONFIGS = [p for p in CONFIGS if p.parent.name in ("trainer", "data")]  # presets stacked on a task config
 TASK_CONFIGS = [p for p in CONFIGS if p not in TRAINER_CONFIGS]
 
 

@@ -164,3 +164,47 @@ def test_cli_compares_with_a_baseline_side_by_side(tmp_path, capsys):
     assert any(r["F1"] != r["heuristic_F1"] for r in rows)
     with Image.open(out / "calibration.png") as picture:
         assert picture.size[0] > 100
+
+
+@pytest.fixture
+def duplicate_files(tmp_path):
+    """Query 1 ("apple", instances a and b) and query 2 ("pear", a negative). Detections on query 1:
+    a shrunk copy of a (0.95, IoU 0.8), a itself (0.9, the duplicate), b, and a below-threshold copy
+    of b; on query 2 one false detection. A baseline detects a and b once each."""
+    a, b = _box(slice(0, 5), slice(0, 5)), _box(slice(5, 10), slice(5, 10))
+    shrunk_a = _box(slice(0, 4), slice(0, 5))
+    gt = {
+        "images": [{"id": i, "height": 10, "width": 10, "file_name": f"{i}.png", "text_input": t,
+                    "is_instance_exhaustive": 1} for i, t in [(1, "apple"), (2, "pear")]],
+        "annotations": [{"id": n + 1, "image_id": 1, "category_id": 1, "segmentation": encode_masks(m[None])[0]}
+                        for n, m in enumerate([a, b])],
+        "categories": [{"id": 1, "name": "object"}],
+    }
+
+    def results(preds):
+        return [{"image_id": i, "category_id": 1, "segmentation": encode_masks(m[None])[0], "score": s}
+                for i, m, s in preds]
+
+    write_json(tmp_path / "gt.json", gt)
+    write_json(tmp_path / "pred.json", results([(1, shrunk_a, 0.95), (1, a, 0.9), (1, b, 0.8), (1, b, 0.4),
+                                                (2, a, 0.7)]))
+    write_json(tmp_path / "base.json", results([(1, a, 0.9), (1, b, 0.8)]))
+    return tmp_path / "gt.json", tmp_path / "pred.json", tmp_path / "base.json"
+
+
+def test_cli_reports_the_duplicate_rate(duplicate_files, tmp_path, capsys):
+    gt, pred, base = duplicate_files
+    # 4 detections scoring >= 0.5: one duplicate of a; the false detection on "pear" is no duplicate
+    assert evaluate_files(gt, pred)["duplicate_rate"] == pytest.approx(1 / 4)
+    assert evaluate_files([gt, gt], pred)["duplicate_rate"] == pytest.approx(1 / 4)  # oracle: versions too
+    assert main(["--gt", str(gt), "--pred", str(pred), "--out", str(tmp_path / "m.json")]) == 0
+    assert "duplicate_rate" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["duplicate_rate"] == pytest.approx(1 / 4)
+
+    assert main(["--gt", str(gt), "--pred", str(pred), "--baseline", str(base),
+                 "--out", str(tmp_path / "cmp.json")]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("duplicate_rate "))
+    assert line.split()[1:] == ["0.2500", "0.0000", "+0.2500"]
+    written = json.loads((tmp_path / "cmp.json").read_text())
+    assert written["metrics"]["duplicate_rate"] == pytest.approx(1 / 4)
+    assert written["baseline_metrics"]["duplicate_rate"] == 0.0

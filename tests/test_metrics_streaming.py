@@ -177,6 +177,57 @@ def test_update_from_batch_compares_inside_the_valid_area():
     assert {k: float(v) for k, v in from_padded.compute().items()} == pytest.approx(a)
 
 
+def _box(rows: slice, cols: slice) -> torch.Tensor:
+    mask = torch.zeros((10, 10), dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask
+
+
+def _one_image_batch(instances: list[list[torch.Tensor]]) -> GroundingBatch:
+    """A 10x10 image with one exhaustive "apple" query per entry of ``instances`` (its instance masks)."""
+    num = torch.tensor([len(query) for query in instances])
+    batch = GroundingBatch(
+        images=torch.zeros(1, 3, 10, 10),
+        valid_hw=torch.tensor([[10, 10]]),
+        orig_hw=torch.tensor([[10, 10]]),
+        keys=["img"],
+        phrases=["apple"] * len(instances),
+        query_image=torch.zeros(len(instances), dtype=torch.long),
+        exhaustive=torch.ones(len(instances), dtype=torch.bool),
+        num_instances=num,
+        boxes=torch.zeros(int(num.sum()), 4),
+        masks=torch.stack([m for query in instances for m in query]),
+        instance_query=torch.repeat_interleave(torch.arange(len(instances)), num),
+    )
+    batch.validate()
+    return batch
+
+
+def test_duplicate_rate_counts_detections_beyond_the_first_on_an_instance():
+    a, b = _box(slice(0, 5), slice(0, 5)), _box(slice(5, 10), slice(5, 10))
+    shrunk_a = _box(slice(0, 4), slice(0, 5))  # IoU 0.8 with a: a second detection of it
+    detections = [a, shrunk_a, b, _box(slice(0, 3), slice(7, 10))]  # the last is a false positive
+    metric = ConceptSegmentationMetrics(prefix="val_")
+    metric.update_from_batch({"masks": [torch.stack(detections)], "scores": [torch.tensor([0.9, 0.8, 0.7, 0.6])]},
+                             _one_image_batch([[a, b]]))
+    out = metric.compute()
+    assert float(out["val_duplicate_rate"]) == pytest.approx(1 / 4)  # 1 duplicate of 4 detections
+    assert float(out["val_num_pred"]) == 4 and float(out["val_count_mae"]) == 2
+
+
+def test_duplicate_rate_ignores_detections_below_the_score_threshold():
+    a = _box(slice(0, 5), slice(0, 5))
+    metric = ConceptSegmentationMetrics()
+    metric.update_from_batch({"masks": [torch.stack([a, a]), torch.stack([a, a])],
+                              "scores": [torch.tensor([0.9, 0.49]), torch.tensor([0.3, 0.2])]},
+                             _one_image_batch([[a], [a]]))
+    out = metric.compute()
+    assert float(out["duplicate_rate"]) == 0.0 and float(out["num_pred"]) == 1
+    metric.reset()
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert float(metric.compute()["duplicate_rate"]) == 0.0  # no detections at all
+
+
 def test_bad_updates_name_the_query():
     metric = ConceptSegmentationMetrics()
     good = torch.zeros((1, 8, 8), dtype=torch.bool)

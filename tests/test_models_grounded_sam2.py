@@ -85,7 +85,8 @@ def test_train_forward_with_targets_carries_matching_and_refinement(tiny_grounde
         STRIDE4,
         STRIDE4,
     )
-    assert len(out["aux_outputs"]) == 1 and "indices" in out["aux_outputs"][0]
+    assert len(out["aux_outputs"]) == 2 and all("indices" in aux for aux in out["aux_outputs"])
+    assert out["aux_outputs"][-1]["pred_boxes"].shape == (4, 8 * 8, 4)  # encoder proposals: one per token
     rows, queries, _ = out["indices"]
     assert rows.tolist() == [0, 0, 1, 2]  # 2 red + 1 blue in image 0, 1 red in image 1, no blue there
     assert len(set(queries[:2].tolist())) == 2  # two different queries for the two red boxes
@@ -93,6 +94,42 @@ def test_train_forward_with_targets_carries_matching_and_refinement(tiny_grounde
     assert refine["mask_logits"].shape == (4, 1, STRIDE4, STRIDE4)
     assert refine["iou_predictions"].shape == (4, 1) and refine["object_score_logits"].shape == (4, 1)
     assert refine["target_index"].tolist() == [0, 1, 2, 3]
+
+
+def test_query_selection_seeds_the_decoder_with_the_top_encoder_proposals(tiny_grounded_sam2, grounding_batch):
+    b = grounding_batch
+    model = tiny_grounded_sam2().eval()
+    seen = {}
+    detector = model.detector
+    detector.transformer.query_selection.register_forward_hook(lambda m, args, out: seen.update(proposals=out))
+    detector.transformer.decoder.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(reference=kwargs["reference_boxes"]), with_kwargs=True)
+    with torch.no_grad():
+        model(b.images, b.phrases, b.query_image)
+    scores, boxes = seen["proposals"]
+    assert scores.shape == (4, 64, 1) and boxes.shape == (4, 64, 4)  # 8 x 8 tokens of a 128 px image
+    top = scores[..., 0].topk(model.num_queries, dim=1).indices
+    expected = torch.stack([boxes[q, top[q]] for q in range(4)], dim=1)
+    assert torch.equal(seen["reference"], expected)
+
+    model.train()
+    out = model(b.images, b.phrases, b.query_image, targets=b)
+    proposals = out["aux_outputs"][-1]  # the proposals train through their own loss terms
+    (proposals["pred_logits"].sum() + proposals["pred_boxes"].sum()).backward()
+    grads = [p.grad for p in detector.transformer.query_selection.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_head_token_stride_8_gives_a_finer_token_grid(tiny_grounded_sam2, grounding_batch):
+    b = grounding_batch
+    model = tiny_grounded_sam2(head_token_stride=8).eval()
+    with torch.no_grad():
+        out = model(b.images, b.phrases, b.query_image)
+    assert [f.shape[-1] for f in out["backbone_fpn"]] == [32, 16]  # strides 4 and 8 of 128 px
+    assert [f.shape[-1] for f in out["sam2_backbone_fpn"]] == [32, 16, 8]  # SAM2's decoder keeps its levels
+    assert out["pred_masks"].shape[-2:] == (STRIDE4, STRIDE4)
+    with pytest.raises(ValueError, match="head_token_stride must be 8 or 16"):
+        tiny_grounded_sam2(head_token_stride=32)
 
 
 def test_postprocess_scores_keep_and_masks(model, grounding_batch):

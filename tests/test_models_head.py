@@ -17,6 +17,7 @@ from sambridge.compat import apply_sam3_compat
 from sambridge.models import TINY_HEAD, CheckpointError, HeadConfig
 from sambridge.models.grounding_head import (
     HEAD_MODULES,
+    QUERY_SELECTION_PREFIX,
     build_dot_product_scoring,
     build_geometry_encoder,
     build_segmentation_head,
@@ -137,10 +138,13 @@ def test_sam3_checkpoint_initialises_the_head(tmp_path, sam3_state, tiny_grounde
     path = _save(tmp_path / "sam3.pt", sam3_state)
     model = tiny_grounded_sam2(seed=1, sam3_checkpoint=path)
     loaded = head_state_dict(model.detector)
-    assert loaded and all(torch.equal(v, sam3_state[f"detector.{k}"]) for k, v in loaded.items())
-    untouched = tiny_grounded_sam2(seed=1)  # the backbone is not taken from the SAM3 file
+    sam3_keys = [k for k in loaded if not k.startswith(QUERY_SELECTION_PREFIX)]
+    assert sam3_keys and all(torch.equal(loaded[k], sam3_state[f"detector.{k}"]) for k in sam3_keys)
+    untouched = tiny_grounded_sam2(seed=1)  # neither the backbone nor query selection (not in SAM3) come from it
     for k, v in untouched.vision.state_dict().items():
         assert torch.equal(v, model.vision.state_dict()[k])
+    selection = {k: v for k, v in head_state_dict(untouched.detector).items() if k.startswith(QUERY_SELECTION_PREFIX)}
+    assert selection and all(torch.equal(v, loaded[k]) for k, v in selection.items())
 
 
 def test_sam3_checkpoint_with_missing_or_extra_head_keys_is_refused(tmp_path, sam3_state, tiny_grounded_sam2):

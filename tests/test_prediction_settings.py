@@ -18,3 +18,26 @@ def test_module_sets_the_models_mask_source_and_passes_nms():
     assert module.model.refine_masks is False
     module = GroundingModule(model="grounded_sam2_tiny", prediction=PredictSettings(refine=True, nms_iou=0.6))
     assert module.model.refine_masks is True and module.predict_settings.nms_iou == 0.6
+
+
+def test_one_to_many_outputs_are_the_dac_queries_and_need_nms(grounding_batch):
+    import pytest
+    import torch
+
+    with pytest.raises(ValueError, match="one_to_many needs prediction.nms_iou"):
+        PredictSettings(outputs="one_to_many")
+    torch.manual_seed(0)
+    module = GroundingModule(model="grounded_sam2_tiny",
+                             prediction=PredictSettings(outputs="one_to_many", nms_iou=0.5))
+    model, b = module.model, grounding_batch
+    assert model.one_to_many_outputs and model.nms_iou == 0.5
+    with torch.no_grad():
+        dac = model.train()(b.images, b.phrases, b.query_image)  # training runs both query sets
+        o2m = model.eval()(b.images, b.phrases, b.query_image)
+        model.one_to_many_outputs = False
+        o2o = model(b.images, b.phrases, b.query_image)
+    assert o2m["pred_logits"].shape == o2o["pred_logits"].shape == (4, model.num_queries, 1)
+    torch.testing.assert_close(o2m["pred_logits"], dac["pred_logits_o2m"])
+    torch.testing.assert_close(o2m["pred_boxes"], dac["pred_boxes_o2m"])
+    torch.testing.assert_close(o2o["pred_logits"], dac["pred_logits"])
+    assert not torch.allclose(o2m["pred_logits"], o2o["pred_logits"])

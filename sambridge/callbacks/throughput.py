@@ -20,7 +20,9 @@ class Throughput(Callback):
     * ``train_data_wait``: the fraction of wall time between one step's end and the next step's start,
       i.e. waiting for the next batch, on the rank that waited most. Near 0 the data keeps up; above
       ~0.1 the accelerators starve (more ``num_workers``, faster or closer storage, cheaper decoding);
-    * ``train_step_s``: mean wall time of a step (compute, with the device synchronised at its end).
+    * ``train_step_s``: mean wall time of a step (compute, with the device synchronised at its end);
+    * ``train_peak_memory_mb``: peak memory so far on the rank that used most: CUDA memory allocated
+      by tensors on a GPU, the process's peak resident set on a CPU.
 
     Batches after a gap holding a validation, an epoch end or a checkpoint write are left out (their
     wait is unknown), as is the first batch of the run. The device is
@@ -76,9 +78,9 @@ class Throughput(Callback):
             self._reset()
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        local = torch.tensor([self.images, self.queries, self.wait, self.busy, self.batches],
-                             dtype=torch.float64, device=pl_module.device)
-        ranks = pl_module.all_gather(local).reshape(-1, 5).cpu()
+        local = torch.tensor([self.images, self.queries, self.wait, self.busy, self.batches,
+                              peak_memory_mb(pl_module.device)], dtype=torch.float64, device=pl_module.device)
+        ranks = pl_module.all_gather(local).reshape(-1, 6).cpu()
         images, queries = ranks[:, 0].sum().item(), ranks[:, 1].sum().item()
         elapsed = (ranks[:, 2] + ranks[:, 3]).max().item()
         metrics = {
@@ -86,8 +88,18 @@ class Throughput(Callback):
             "train_queries_per_s": queries / elapsed,
             "train_data_wait": (ranks[:, 2] / (ranks[:, 2] + ranks[:, 3])).max().item(),
             "train_step_s": (ranks[:, 3] / ranks[:, 4]).mean().item(),
+            "train_peak_memory_mb": ranks[:, 5].max().item(),
         }
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         self.last_metrics = metrics
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device`` so far, or on a CPU the process's peak resident set (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

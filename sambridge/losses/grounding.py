@@ -59,6 +59,22 @@ def _without_presence(out: dict) -> dict:
     return copy
 
 
+class BinaryTargetIABCE(loss_fns.IABCEMdetr):
+    """sam3's IABCE with target 1 for every matched prediction instead of ``score^alpha * IoU^(1-alpha)``.
+
+    sam3 reads the predicted boxes only to compute that IoU (without gradient); handing it the matched
+    ground-truth boxes in their place makes the IoU 1, so the target is ``score^alpha``, whose fixed
+    point is 1.
+    """
+
+    def get_loss(self, outputs, targets, indices, num_boxes):
+        rows, cols, target_index = indices
+        matched = targets["boxes_xyxy"] if target_index is None else targets["boxes_xyxy"][target_index]
+        boxes = outputs["pred_boxes_xyxy"].detach().clone()
+        boxes[rows, cols] = matched.to(boxes.dtype)
+        return super().get_loss({**outputs, "pred_boxes_xyxy": boxes}, targets, indices, num_boxes)
+
+
 class GroundingLoss(nn.Module):
     """Loss for ``GroundedSAM2`` outputs against a ``GroundingBatch``.
 
@@ -72,6 +88,10 @@ class GroundingLoss(nn.Module):
         score_pos_weight: IABCE weight of matched (positive) queries.
         score_alpha: IABCE exponent mixing score and IoU into the soft positive target.
         score_gamma: IABCE focusing exponent on negatives.
+        score_target: What a matched query's score learns: ``"iou"`` (SAM3's soft target
+            ``score^alpha * IoU^(1-alpha)``, whose fixed point is the box IoU) or ``"binary"`` (1:
+            the score becomes the probability that the detection is right, so a right detection with
+            an imperfect box still passes SAM3's 0.5 threshold).
         presence_alpha: Focal alpha of the presence loss.
         presence_gamma: Focal gamma of the presence loss.
         mask_focal_alpha: Focal alpha of the head's mask loss.
@@ -102,6 +122,7 @@ class GroundingLoss(nn.Module):
         score_pos_weight: float = 10.0,
         score_alpha: float = 0.25,
         score_gamma: float = 2.0,
+        score_target: str = "iou",
         presence_alpha: float = 0.5,
         presence_gamma: float = 0.0,
         mask_focal_alpha: float = 0.25,
@@ -121,6 +142,8 @@ class GroundingLoss(nn.Module):
         if mask_stride is not None and mask_stride < 1:
             raise ValueError(f"mask_stride must be a positive integer or None, got {mask_stride}")
         self.mask_stride = mask_stride
+        if score_target not in ("iou", "binary"):
+            raise ValueError(f"score_target must be 'iou' or 'binary', got {score_target!r}")
         apply_sam3_compat()  # sam3's Masks loss defaults to a CUDA-only Triton kernel
         self.presence_weight = presence
         self.presence_alpha = presence_alpha
@@ -137,7 +160,7 @@ class GroundingLoss(nn.Module):
         self.detector_loss = Sam3LossWrapper(
             loss_fns_find=[
                 loss_fns.Boxes(weight_dict={"loss_bbox": box_l1, "loss_giou": box_giou}),
-                loss_fns.IABCEMdetr(
+                (BinaryTargetIABCE if score_target == "binary" else loss_fns.IABCEMdetr)(
                     pos_weight=score_pos_weight,
                     weight_dict={"loss_ce": score},
                     weak_loss=True,
@@ -208,15 +231,16 @@ class GroundingLoss(nn.Module):
         )
         present = visible.any(1)
         known = present | targets["is_exhaustive"]
-        logits = logits.view(-1)[known][:, None]
-        return loss_fns.sigmoid_focal_loss(
-            logits,
-            present[known][:, None].float(),
-            num_boxes=self._normaliser(int(known.sum()), logits.device),
+        per_query = loss_fns.sigmoid_focal_loss(  # masked rather than indexed: no device-to-host sync
+            logits.view(-1),
+            present.float(),
+            num_boxes=1,
             alpha=self.presence_alpha,
             gamma=self.presence_gamma,
+            reduce=False,
             triton=False,
         )
+        return (per_query * known).sum() / self._normaliser(known.sum(), logits.device)
 
     def _refine(self, refine: dict[str, Tensor], masks: Tensor) -> dict[str, Tensor]:
         """SAM2's ``MultiStepMultiMasksAndIous`` recipe (one step) on the box-prompted masks."""

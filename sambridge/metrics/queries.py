@@ -6,11 +6,13 @@ Both the file evaluator and the streaming metric reduce each query (image, phras
 - ``tp``: (T,) true positives at each IoU threshold (:func:`sambridge.metrics.cgf1.true_positives`);
 - ``num_gt``: ground-truth instances (crowd regions excluded);
 - ``num_pred``: predictions with score >= the score threshold (the query's detections);
-- ``inter``/``union``: pixels in (union of detections) AND / OR (union of instances).
+- ``inter``/``union``: pixels in (union of detections) AND / OR (union of instances);
+- ``num_dup``: duplicate detections (:func:`count_duplicates`).
 
 Derived per query: the union IoU ``inter / union`` (1.0 when both are empty, a correctly
 rejected phrase; 0 when only one is empty) and the counting error ``|num_pred - num_gt|``
-(detections at the same score threshold as cgF1, 0.5 by default).
+(detections at the same score threshold as cgF1, 0.5 by default). Over all queries, the duplicate
+rate is duplicates / detections.
 """
 
 from __future__ import annotations
@@ -21,6 +23,27 @@ import numpy as np
 
 from sambridge.metrics.ap import greedy_matches, top_detections
 from sambridge.metrics.cgf1 import IOU_THRESHOLDS, cgf1_metrics, local_f1, true_positives
+
+#: A detection is on an instance when their mask IoU is at least this (duplicate counting).
+DUPLICATE_IOU = 0.5
+
+
+def count_duplicates(ious: np.ndarray, iou_threshold: float = DUPLICATE_IOU) -> int:
+    """Duplicate detections of one query: those whose instance a higher-scoring detection already took.
+
+    Each detection goes to its highest-IoU instance (the first on ties) when that IoU is >= ``iou_threshold``;
+    an instance taken by n detections makes n - 1 duplicates, so the count does not depend on the
+    detections' order. Detections on no instance are false positives, not duplicates.
+
+    Args:
+        ious: (D, G) IoU of the query's detections (score >= threshold) with its instances.
+        iou_threshold: the IoU that puts a detection on an instance.
+    """
+    if ious.size == 0:
+        return 0
+    best = ious.argmax(axis=1)
+    hit = ious[np.arange(len(best)), best] >= iou_threshold
+    return int(hit.sum() - np.unique(best[hit]).size)
 
 
 @dataclass
@@ -33,6 +56,7 @@ class QueryMatch:
         top_scores: (D,) scores of the top ``max_dets`` predictions, highest first (for AP).
         top_matched: (D, T) whether each of them matched an instance (COCOeval's greedy rule).
         top_ignored: (D, T) whether each is ignored for matching a crowd region instead.
+        duplicates: detections on an instance a higher-scoring detection took (:func:`count_duplicates`).
     """
 
     detections: np.ndarray
@@ -40,11 +64,12 @@ class QueryMatch:
     top_scores: np.ndarray
     top_matched: np.ndarray
     top_ignored: np.ndarray
+    duplicates: int
 
 
 def match_query(ious: np.ndarray, scores: np.ndarray, *, score_threshold: float, max_dets: int,
                 crowd_ious: np.ndarray | None = None) -> QueryMatch:
-    """Reduce one query to its cgF1 counts and AP records.
+    """Reduce one query to its cgF1 counts, duplicates and AP records.
 
     Args:
         ious: (K, G) IoU of every prediction (input order) with every instance.
@@ -58,7 +83,7 @@ def match_query(ious: np.ndarray, scores: np.ndarray, *, score_threshold: float,
     top = top_detections(scores, max_dets)
     matched, ignored = greedy_matches(ious[top], None if crowd_ious is None else crowd_ious[top])
     return QueryMatch(detections=detections, tp=true_positives(ious[detections]), top_scores=scores[top],
-                      top_matched=matched, top_ignored=ignored)
+                      top_matched=matched, top_ignored=ignored, duplicates=count_duplicates(ious[detections]))
 
 
 def stack_ap_records(matches: list[QueryMatch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,6 +106,7 @@ class QueryTable:
         num_pred: (Q,) int64 predictions with score >= the score threshold.
         inter: (Q,) int64 pixels in both the detections' union and the instances' union.
         union: (Q,) int64 pixels in either.
+        num_dup: (Q,) int64 duplicate detections (:func:`count_duplicates`).
     """
 
     phrases: list[str] = field(default_factory=list)
@@ -90,6 +116,7 @@ class QueryTable:
     num_pred: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     inter: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     union: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    num_dup: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -112,20 +139,22 @@ class QueryTable:
 
         ``mIoU`` is the mean per-query union IoU, ``cIoU`` total intersection over total union,
         ``count_mae`` the mean absolute counting error and ``count_exact`` the fraction of queries
-        counted exactly. Undefined values (no queries) are -1, as in pycocotools.
+        counted exactly, ``duplicate_rate`` duplicates over detections (0 without detections).
+        Undefined values (no queries) are -1, as in pycocotools.
         """
         out = cgf1_metrics(self.tp, self.num_gt, self.num_pred)
         count_error = np.abs(self.num_pred - self.num_gt)
-        total_union = int(self.union.sum())
+        total_union, total_pred = int(self.union.sum()), int(self.num_pred.sum())
         out.update({
             "mIoU": float(self.iou().mean()) if len(self) else -1.0,
             "cIoU": (float(self.inter.sum() / total_union) if total_union else 1.0) if len(self) else -1.0,
             "count_mae": float(count_error.mean()) if len(self) else -1.0,
             "count_exact": float((count_error == 0).mean()) if len(self) else -1.0,
+            "duplicate_rate": float(self.num_dup.sum() / total_pred) if total_pred else 0.0,
             "num_queries": float(len(self)),
             "num_positive": float((self.num_gt > 0).sum()),
             "num_gt": float(self.num_gt.sum()),
-            "num_pred": float(self.num_pred.sum()),
+            "num_pred": float(total_pred),
         })
         return out
 

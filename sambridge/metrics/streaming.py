@@ -8,7 +8,8 @@ counts exactly once whatever the number of ranks:
 state              per query / detection (concatenated over updates and ranks)
 =================  =============================================================================
 ``query_stats``    TPs at the T IoU thresholds, #instances, #detections, union-mask intersection
-                   and union pixels (:class:`~sambridge.metrics.queries.QueryTable`'s columns)
+                   and union pixels, #duplicates (:class:`~sambridge.metrics.queries.QueryTable`'s
+                   columns)
 ``query_text``     the phrase and image id as UTF-8 bytes (``query_text_len`` holds the lengths)
 ``detections``     for the top ``max_dets`` predictions by score: the score and a bit field of the
                    IoU thresholds it matched an instance at (COCOeval's greedy rule; for mask AP)
@@ -45,7 +46,7 @@ _BITS = 1 << np.arange(_T)  # detection record: which thresholds it matched at, 
 
 
 class ConceptSegmentationMetrics(Metric):
-    """cgF1 / pmF1 / IL_MCC (as SAM3), mask AP, mean IoU and counting error over a validation epoch.
+    """cgF1 / pmF1 / IL_MCC (as SAM3), mask AP, mean IoU, counting error and duplicate rate over an epoch.
 
     ``compute()`` returns a flat dict of float64 scalars (keys as
     :meth:`sambridge.metrics.queries.QueryTable.metrics` plus ``AP``, ``AP50``, ``AP75``,
@@ -105,7 +106,8 @@ class ConceptSegmentationMetrics(Metric):
             match = match_query(mask_ious(pred, gt), scores, score_threshold=self.score_threshold,
                                 max_dets=self.max_dets)
             inter, union = union_overlap(pred[torch.as_tensor(match.detections, device=pred.device)], gt)
-            stats.append(np.concatenate([match.tp, [gt.shape[0], len(match.detections), inter, union]]))
+            stats.append(np.concatenate([match.tp, [gt.shape[0], len(match.detections), inter, union,
+                                                    match.duplicates]]))
             phrase, image = phrases[q].encode(), str(image_ids[q]).encode()
             text.append(np.frombuffer(phrase + image, dtype=np.uint8))
             text_len.append([len(phrase), len(image)])
@@ -154,7 +156,7 @@ class ConceptSegmentationMetrics(Metric):
         return value.detach().cpu().numpy().reshape(-1, width)
 
     def _table(self) -> QueryTable:
-        stats = self._state("query_stats", _T + 4).astype(np.int64)
+        stats = self._state("query_stats", _T + 5).astype(np.int64)
         lengths = self._state("query_text_len", 2).astype(np.int64)
         text = self._state("query_text", 1).astype(np.uint8).tobytes()
         ends = np.cumsum(lengths.sum(axis=1))
@@ -164,7 +166,8 @@ class ConceptSegmentationMetrics(Metric):
             phrases.append(text[start:start + n_phrase].decode())
             image_ids.append(text[start + n_phrase:end].decode())
         return QueryTable(phrases=phrases, image_ids=image_ids, tp=stats[:, :_T], num_gt=stats[:, _T],
-                          num_pred=stats[:, _T + 1], inter=stats[:, _T + 2], union=stats[:, _T + 3])
+                          num_pred=stats[:, _T + 1], inter=stats[:, _T + 2], union=stats[:, _T + 3],
+                          num_dup=stats[:, _T + 4])
 
     def _detection_records(self) -> tuple[np.ndarray, np.ndarray]:
         """Scores (D,) and matched flags (D, T) of the top detections of every query."""

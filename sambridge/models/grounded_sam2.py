@@ -16,7 +16,8 @@ Training notes:
     * Call ``model(images, phrases, query_image, targets=batch)`` for a loss: matching (sam3's
       Hungarian matcher) and the SAM2 refinement of the matched boxes happen in the forward,
       ``sambridge.losses.GroundingLoss`` reads them from the outputs.
-    * sam3 asserts activation checkpointing in training mode; it is always on (recompute cost).
+    * sam3 asserts activation checkpointing of its fusion encoder and decoder in training mode; the
+      segmentation head checkpoints as ``HeadConfig.activation_checkpointing`` says.
     * Some parameters never get a gradient: the pixel decoder's third stage and the semantic-seg
       head (no semantic loss in the recipe), and the SAM2 prompt-encoder embeddings of prompt
       types not used in a step. Under DDP use ``find_unused_parameters=True``.
@@ -69,6 +70,7 @@ class GroundedSAM2(nn.Module):
             refines well once trained (official weights); from random weights the head's masks learn
             several times faster (``docs/training.md``), so ``GroundingModule`` sets this from
             whether the run started from a SAM2 checkpoint.
+        nms_iou: What ``postprocess`` suppresses when not told (``None``: nothing).
     """
 
     def __init__(
@@ -79,10 +81,12 @@ class GroundedSAM2(nn.Module):
         matcher: FiniteCostMatcher | None = None,
         refine_multimask_output: bool = False,
         refine_masks: bool = True,
+        nms_iou: float | None = None,
     ) -> None:
         super().__init__()
         check_image_size(image_size)
         self.refine_masks = refine_masks
+        self.nms_iou = nms_iou
         self.detector = detector
         self.prompt_decoder = prompt_decoder
         self.matcher = matcher if matcher is not None else hungarian_matcher()
@@ -101,6 +105,15 @@ class GroundedSAM2(nn.Module):
     def text_encoder(self) -> nn.Module:
         """The ``OpenClipTextEncoder``."""
         return self.detector.backbone.language_backbone
+
+    @property
+    def one_to_many_outputs(self) -> bool:
+        """Inference returns the one-to-many (DAC) queries' predictions, which need NMS (``nms_iou``)."""
+        return self.detector.one_to_many_outputs
+
+    @one_to_many_outputs.setter
+    def one_to_many_outputs(self, value: bool) -> None:
+        self.detector.one_to_many_outputs = value
 
     @property
     def num_queries(self) -> int:
@@ -202,9 +215,9 @@ class GroundedSAM2(nn.Module):
                 f"targets have {targets.num_queries} queries, outputs {out['pred_logits'].shape[0]}"
             )
         sam3_targets = to_sam3_targets(targets, device=out["pred_logits"].device)
-        out["indices"] = self.matcher(out, sam3_targets)
-        for aux in out.get("aux_outputs", []):
-            aux["indices"] = self.matcher(aux, sam3_targets)
+        outputs = [out, *out.get("aux_outputs", [])]
+        for output, indices in zip(outputs, self.matcher.match_many(outputs, sam3_targets), strict=True):
+            output["indices"] = indices  # every layer matched with one device read
 
     def _refine_matched(self, out: dict) -> dict[str, Tensor]:
         """SAM2 mask decoder prompted with the matched queries' (detached) predicted boxes."""
@@ -256,8 +269,8 @@ class GroundedSAM2(nn.Module):
                 (otherwise the head's own stride-4 masks); ``None``: ``self.refine_masks``.
             out_hw: Output mask size; defaults to the input canvas size.
             nms_iou: Also drop (``keep=False``) a detection whose box overlaps a higher-scoring kept
-                one of the same query by IoU above this (torchvision's NMS); ``None``: one-to-one
-                outputs as trained, no suppression.
+                one of the same query by IoU above this (torchvision's NMS); ``None``:
+                ``self.nms_iou``.
 
         Returns:
             ``scores`` (Q, K'), ``boxes_xyxy`` (Q, K', 4) normalised, ``keep`` (Q, K') bool,
@@ -265,6 +278,7 @@ class GroundedSAM2(nn.Module):
             (Q, H, W) bool (union of kept instances), ``query_indices`` (Q, K').
         """
         out_hw = tuple(out_hw or out["input_hw"])
+        nms_iou = self.nms_iou if nms_iou is None else nms_iou
         scores = self.scores(out)
         top = scores.topk(min(top_k, scores.shape[1]), dim=1)
         rows = torch.arange(scores.shape[0], device=scores.device)[:, None]

@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+from sam3.model.box_ops import box_cxcywh_to_xyxy
 from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
 from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
 from sam3.model.geometry_encoders import SequenceGeometryEncoder
 from sam3.model.maskformer_segmentation import PixelDecoder, UniversalSegmentationHead
-from sam3.model.model_misc import MLP, DotProductScoring, MultiheadAttentionWrapper, TransformerWrapper
+from sam3.model.model_misc import MLP, DotProductScoring, MultiheadAttentionWrapper, TransformerWrapper, inverse_sigmoid
 from sam3.model.position_encoding import PositionEmbeddingSine
 from sam3.model.sam3_image import Sam3Image
-from torch import nn
+from torch import Tensor, nn
 
 from sambridge.compat import apply_sam3_compat
 from sambridge.models.checkpoint_io import CheckpointError, load_state_dict_strict, read_weights
@@ -27,6 +29,9 @@ HEAD_MODULES = ("transformer", "dot_prod_scoring", "segmentation_head", "geometr
 
 SAM3_DETECTOR_PREFIX = "detector."
 """Prefix of the image-detector entries in an official ``sam3.pt``."""
+
+QUERY_SELECTION_PREFIX = "transformer.query_selection."
+"""Head entries SAM3 does not have (``HeadConfig.query_selection``): a SAM3 head leaves them initialised."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,13 @@ class HeadConfig:
         num_queries: Object queries per (image, phrase); in training as many one-to-many queries again.
         geometry_layers: Layers of the geometric (box/point exemplar) prompt encoder.
         dropout: Dropout in attention and feed-forward blocks.
+        query_selection: Two-stage query selection (Deformable DETR / DINO): every fusion-encoder
+            token proposes a box and a phrase score, trained like a decoder layer; the top
+            ``num_queries`` proposals become the decoder's reference boxes instead of SAM3's
+            learned ones. Off in SAM3's recipe; a head trained from scratch converges much faster.
+        activation_checkpointing: Recompute the segmentation head and geometry encoder in the
+            backward pass (SAM3's setting: less memory, more compute); the fusion encoder and DETR
+            decoder always checkpoint in training (sam3 asserts it).
     """
 
     d_model: int = 256
@@ -52,6 +64,8 @@ class HeadConfig:
     num_queries: int = 200
     geometry_layers: int = 3
     dropout: float = 0.1
+    query_selection: bool = False
+    activation_checkpointing: bool = True
 
 
 SAM3_HEAD = HeadConfig()
@@ -66,8 +80,9 @@ TINY_HEAD = HeadConfig(
     num_queries=16,
     geometry_layers=1,
     dropout=0.0,
+    activation_checkpointing=False,
 )
-"""Tiny head for tests (~0.65M params)."""
+"""Tiny head for tests and the CPU demo (~0.65M params; no recompute: memory is no concern there)."""
 
 
 def _attention(cfg: HeadConfig, batch_first: bool | None, dropout: float | None = None) -> nn.Module:
@@ -133,7 +148,45 @@ def build_transformer(cfg: HeadConfig) -> nn.Module:
         use_act_checkpoint=True,
         presence_token=True,
     )
-    return TransformerWrapper(encoder=encoder, decoder=decoder, d_model=cfg.d_model)
+    transformer = TransformerWrapper(encoder=encoder, decoder=decoder, d_model=cfg.d_model)
+    if cfg.query_selection:
+        transformer.query_selection = QuerySelection(cfg)
+    return transformer
+
+
+class QuerySelection(nn.Module):
+    """Encoder proposals for two-stage query selection (Deformable DETR's ``two_stage``, DINO's
+    mixed query selection: positions from the encoder, content queries stay learned).
+
+    Each fusion-encoder token predicts a phrase score (sam3's dot-product scoring against the
+    pooled phrase) and a box relative to an anchor centred on the token, two tokens wide. The
+    proposals are trained with the decoder's box and score losses (one more auxiliary output);
+    the top-scoring ones, detached, seed the decoder's reference boxes.
+    """
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.scoring = build_dot_product_scoring(cfg)
+        self.box = MLP(cfg.d_model, cfg.d_model, 4, 3)
+        nn.init.zeros_(self.box.layers[-1].weight)
+        nn.init.zeros_(self.box.layers[-1].bias)
+
+    def forward(self, memory: Tensor, spatial_shapes: Tensor, prompt: Tensor, prompt_mask: Tensor,
+                padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(HW, B, d) tokens of one (H, W) level -> scores (B, HW, 1) and cxcywh boxes (B, HW, 4)."""
+        height, width = (int(v) for v in spatial_shapes[0])
+        feats = self.norm(memory.transpose(0, 1))
+        scores = self.scoring(feats[None], prompt, prompt_mask)[0]
+        if padding_mask is not None:
+            scores = scores.masked_fill(padding_mask[..., None], -self.scoring.clamp_max_val)
+        ys, xs = torch.meshgrid(torch.arange(height, device=memory.device), torch.arange(width, device=memory.device),
+                                indexing="ij")
+        centres = torch.stack([(xs.flatten() + 0.5) / width, (ys.flatten() + 0.5) / height], -1)
+        sides = centres.new_tensor([2.0 / width, 2.0 / height]).expand_as(centres)
+        anchors = torch.cat([centres, sides], -1).to(feats.dtype)
+        boxes = (inverse_sigmoid(anchors)[None] + self.box(feats)).sigmoid()
+        return scores, boxes
 
 
 def build_dot_product_scoring(cfg: HeadConfig) -> nn.Module:
@@ -159,7 +212,7 @@ def build_segmentation_head(cfg: HeadConfig) -> nn.Module:
         aux_masks=False,
         presence_head=False,
         dot_product_scorer=None,
-        act_ckpt=True,
+        act_ckpt=cfg.activation_checkpointing,
         cross_attend_prompt=_attention(cfg, None, dropout=0.0),
         pixel_decoder=pixel_decoder,
     )
@@ -190,7 +243,7 @@ def build_geometry_encoder(cfg: HeadConfig) -> nn.Module:
         d_model=cfg.d_model,
         num_layers=cfg.geometry_layers,
         layer=layer,
-        use_act_ckpt=True,
+        use_act_ckpt=cfg.activation_checkpointing,
         add_cls=True,
         add_post_encode_proj=True,
     )
@@ -214,6 +267,45 @@ class GroundingDetector(Sam3Image):
     def _compute_matching(self, out, targets):
         return None
 
+    one_to_many_outputs = False
+    """At inference, return the one-to-many (DAC) queries' predictions instead of the one-to-one ones
+    (they need NMS: several queries predict each object)."""
+
+    def _run_decoder(self, pos_embed, memory, src_mask, out, prompt, prompt_mask, encoder_out):
+        """sam3's decoder, with reference boxes from ``transformer.query_selection`` when the head has
+        it, and the one-to-many queries as the outputs at inference when ``one_to_many_outputs``."""
+        decoder = self.transformer.decoder
+        selection = getattr(self.transformer, "query_selection", None)
+        o2m_inference = self.one_to_many_outputs and decoder.dac and not self.training
+        if selection is None and not o2m_inference:
+            return super()._run_decoder(pos_embed, memory, src_mask, out, prompt, prompt_mask, encoder_out)
+        bs = memory.shape[1]
+        reference = None
+        if selection is not None:
+            enc_scores, enc_boxes = selection(memory, encoder_out["spatial_shapes"], prompt, prompt_mask, src_mask)
+            top = enc_scores[..., 0].topk(decoder.num_queries, dim=1).indices  # (B, K)
+            reference = enc_boxes.gather(1, top[..., None].expand(-1, -1, 4)).detach().transpose(0, 1)
+        tgt = decoder.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
+        if selection is not None:  # content: the selected tokens themselves, so no slot carries a fixed prior
+            tokens = selection.norm(memory.transpose(0, 1))
+            tgt = tgt + tokens.gather(1, top[..., None].expand(-1, -1, tokens.shape[-1])).transpose(0, 1)
+        hs, reference_boxes, presence_out, presence_feats = decoder(
+            tgt=tgt, memory=memory, memory_key_padding_mask=src_mask, pos=pos_embed, reference_boxes=reference,
+            level_start_index=encoder_out["level_start_index"], spatial_shapes=encoder_out["spatial_shapes"],
+            valid_ratios=encoder_out["valid_ratios"], tgt_mask=None, memory_text=prompt,
+            text_attention_mask=prompt_mask, apply_dac=decoder.dac and (self.training or o2m_inference),
+        )
+        hs, reference_boxes = hs.transpose(1, 2), reference_boxes.transpose(1, 2)  # batch-first
+        if o2m_inference:  # keep the second (one-to-many) half of the queries
+            hs, reference_boxes = hs[:, :, decoder.num_queries:], reference_boxes[:, :, decoder.num_queries:]
+        out["presence_feats"] = presence_feats
+        self._update_scores_and_boxes(out, hs, reference_boxes, prompt, prompt_mask,
+                                      dec_presence_out=None if presence_out is None else presence_out.transpose(1, 2))
+        if selection is not None and self.training:  # the proposals are one more auxiliary output
+            out.setdefault("aux_outputs", []).append(
+                {"pred_logits": enc_scores, "pred_boxes": enc_boxes, "pred_boxes_xyxy": box_cxcywh_to_xyxy(enc_boxes)})
+        return out, hs
+
 
 def build_detector(backbone: nn.Module, cfg: HeadConfig) -> nn.Module:
     """sam3 ``Sam3Image`` (as ``GroundingDetector``) around ``backbone`` (a ``SAM3VLBackbone``)."""
@@ -230,7 +322,7 @@ def build_detector(backbone: nn.Module, cfg: HeadConfig) -> nn.Module:
         multimask_output=True,
         inst_interactive_predictor=None,
         matcher=None,
-        use_act_checkpoint_seg_head=True,
+        use_act_checkpoint_seg_head=cfg.activation_checkpointing,
     )
 
 
@@ -257,7 +349,11 @@ def load_sam3_head(detector: nn.Module, path: str | os.PathLike) -> None:
             f"SAM3 checkpoint {path} has no '{SAM3_DETECTOR_PREFIX}{{{','.join(HEAD_MODULES)}}}.*' "
             f"entries (first keys: {sorted(blob)[:5]})"
         )
-    load_state_dict_strict(_HeadView(detector), head, f"SAM3 checkpoint {path} (head keys)")
+    view = _HeadView(detector)
+    for key, value in view.state_dict().items():  # not in SAM3's head: keep their initialisation
+        if key.startswith(QUERY_SELECTION_PREFIX):
+            head.setdefault(key, value)
+    load_state_dict_strict(view, head, f"SAM3 checkpoint {path} (head keys)")
 
 
 class _HeadView(nn.Module):

@@ -161,6 +161,7 @@ class SAM3Teacher(GroundedSAM2):
         self.patch_size = patch
         self.refine_multimask_output = False
         self.refine_masks = False
+        self.nms_iou = None
         self.bf16 = bf16
         self.model_name = model_name
         self.register_buffer("pixel_mean", torch.tensor(SAM3_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)

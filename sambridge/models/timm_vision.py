@@ -93,7 +93,7 @@ def build_fpn_neck(channel_list: list[int], d_model: int) -> FpnNeck:
 
 
 class HeadLevelsAdapter(Sam2VisionAdapter):
-    """``Sam2VisionAdapter`` whose grounding head gets the levels from ``head_min_stride`` on.
+    """``Sam2VisionAdapter`` whose grounding head gets the levels from ``head_min_stride`` to ``head_token_stride``.
 
     Args:
         trunk: A trunk returning strides 4, 8, 16, 32 (SAM2's Hiera, ``TimmTrunk``).
@@ -101,20 +101,29 @@ class HeadLevelsAdapter(Sam2VisionAdapter):
         dual_neck: Give the grounding head its own neck (SAM2's prompt decoder keeps the other).
         head_min_stride: Finest level the grounding head sees (4, or 8 for a cheaper head whose
             masks come at stride 8); SAM2's prompt decoder always gets all levels.
+        head_token_stride: Level whose tokens the fusion encoder and DETR decoder attend to: 16
+            (SAM3's grid at 1,008 px is 72 x 72 tokens; SAM2's at 1,024 px 64 x 64), or 8 for small
+            inputs (a 128 px image gives 16 x 16 tokens instead of 8 x 8).
     """
 
     def __init__(
-        self, trunk: nn.Module, neck: nn.Module, dual_neck: bool = True, head_min_stride: int = 4
+        self, trunk: nn.Module, neck: nn.Module, dual_neck: bool = True, head_min_stride: int = 4,
+        head_token_stride: int = 16,
     ) -> None:
         if head_min_stride not in PYRAMID_STRIDES[:2]:
             raise ValueError(f"head_min_stride must be 4 or 8, got {head_min_stride}")
+        if head_token_stride not in PYRAMID_STRIDES[1:3] or head_token_stride <= head_min_stride:
+            raise ValueError(f"head_token_stride must be 8 or 16 and above head_min_stride ({head_min_stride}), "
+                             f"got {head_token_stride}")
         super().__init__(trunk, neck, dual_neck=dual_neck)
         self.head_min_stride = head_min_stride
+        self.head_token_stride = head_token_stride
 
     def forward(self, images: Tensor) -> NeckOutput:
         det_feats, det_pos, sam2_feats, sam2_pos = super().forward(images)
-        skip = PYRAMID_STRIDES.index(self.head_min_stride)
-        return det_feats[skip:], det_pos[skip:], sam2_feats, sam2_pos
+        # one level past the token level: SAM3VLBackbone(scalp=1) drops the coarsest level it is given
+        levels = slice(PYRAMID_STRIDES.index(self.head_min_stride), PYRAMID_STRIDES.index(self.head_token_stride) + 2)
+        return det_feats[levels], det_pos[levels], sam2_feats, sam2_pos
 
 
 class TimmVisionAdapter(HeadLevelsAdapter):

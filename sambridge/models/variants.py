@@ -34,6 +34,7 @@ open_clip tag already cached locally, e.g. ``"datacompdr"``, or a local weight f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -54,9 +55,11 @@ STUDENT_HEAD = HeadConfig(encoder_layers=3, decoder_layers=3, num_queries=100, d
                           geometry_layers=1)
 """Head of the real-size distillation students (SAM3's widths, half its depth, queries and FFN)."""
 
-STUDENT_TINY_HEAD = HeadConfig(d_model=64, num_heads=2, dim_feedforward=128, encoder_layers=1,
-                               decoder_layers=1, num_queries=16, geometry_layers=1, dropout=0.0)
+STUDENT_TINY_HEAD = dataclasses.replace(TINY_HEAD, decoder_layers=1)
 """Head of the tiny test/demo student (``TINY_HEAD`` with one decoder layer)."""
+
+TINY_GROUNDING_HEAD = dataclasses.replace(TINY_HEAD, query_selection=True)
+"""Head of the tiny Grounded SAM2 variants: ``TINY_HEAD`` with two-stage query selection."""
 
 
 def build_grounded_sam2(
@@ -74,6 +77,7 @@ def build_grounded_sam2(
     text_vocabulary: Sequence[str] | None = None,
     dual_neck: bool = True,
     head_min_stride: int = 4,
+    head_token_stride: int = 16,
     refine_multimask_output: bool = False,
 ) -> GroundedSAM2:
     """Assemble a ``GroundedSAM2`` from the sam2, sam3 and open_clip packages (on the CPU).
@@ -95,13 +99,16 @@ def build_grounded_sam2(
         head_min_stride: Finest feature level of the grounding head: 4, or 8 for a head about half
             as costly per phrase at 512 px whose own masks come at stride 8 (SAM2's decoder still
             refines boxes into masks from stride-4 features).
+        head_token_stride: Feature level the head's fusion encoder and decoder attend to: 16 (SAM3's
+            recipe at 1,024 px), or 8 for small inputs (16 x 16 tokens at 128 px instead of 8 x 8).
         refine_multimask_output: Three SAM2 masks per matched box in training (best one supervised).
     """
     sam2 = build_sam2(
         sam2_config, image_size=image_size, checkpoint=sam2_checkpoint, overrides=sam2_overrides
     )
     head = _head_config(head)
-    vision = HeadLevelsAdapter(sam2.image_encoder.trunk, sam2.image_encoder.neck, dual_neck, head_min_stride)
+    vision = HeadLevelsAdapter(sam2.image_encoder.trunk, sam2.image_encoder.neck, dual_neck, head_min_stride,
+                               head_token_stride)
     text = OpenClipTextEncoder(head.d_model, model_name=text_model, pretrained=text_pretrained,
                                context_length=text_context_length, text_cfg=text_cfg, frozen=freeze_text,
                                vocabulary=text_vocabulary)
@@ -199,11 +206,11 @@ def _register(name: str, summary: str, builder=build_grounded_sam2, **defaults) 
 for _name, _summary, _overrides, _head, _text_width in (
     ("grounded_sam2_tiny",
      "Real architecture at tiny width (~5M params, 3.2M of them the token table) for CPU tests.",
-     SAM2_TINY_OVERRIDES, TINY_HEAD, 64),
+     SAM2_TINY_OVERRIDES, TINY_GROUNDING_HEAD, 64),
     ("grounded_sam2_demo",
      "``grounded_sam2_tiny`` with a twice wider, deeper Hiera trunk (32-d, 8 blocks; 6.3M params): the CPU "
      "demo's model, which learns the demo's concepts faster than the test-sized trunk.",
-     SAM2_DEMO_OVERRIDES, TINY_HEAD, 64),
+     SAM2_DEMO_OVERRIDES, TINY_GROUNDING_HEAD, 64),
     ("grounded_sam2_student_tiny",
      "Tiny distillation student (tiny Hiera, one-layer decoder, 32-d text tower) for CPU tests and demos.",
      SAM2_TINY_OVERRIDES, STUDENT_TINY_HEAD, 32),

@@ -118,6 +118,39 @@ class BaseTask(pl.LightningModule):
         torch.manual_seed(step_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.current_epoch, batch_idx,
                                     self.global_rank))
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip as Lightning would, also for optimisers that unscale gradients themselves (fused AdamW, which
+        ``configure_optimizers`` builds on GPUs); Lightning's mixed-precision plugin refuses to clip those.
+
+        bf16 gradients need no unscaling; with an fp16 gradient scaler they are unscaled here first (the
+        scaler's ``step`` then tells the fused optimiser not to unscale again). Under FSDP the norm is
+        computed over the shards by FSDP's own ``clip_grad_norm_``. No host synchronisation either way.
+        """
+        if not gradient_clip_val:
+            return
+        from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        scaler = getattr(strategy.precision_plugin, "scaler", None)
+        by_value = str(gradient_clip_algorithm or "norm") == "value"
+        if isinstance(strategy, FSDPStrategy) and not by_value:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        if not _optimizer_handles_unscaling(optimizer):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if by_value:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
         total = config.total_steps or int(self.trainer.estimated_stepping_batches)

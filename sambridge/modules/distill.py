@@ -37,7 +37,7 @@ from sambridge.modules.grounding import (
     GroundingLossWeights,
     GroundingModule,
     PredictSettings,
-    refine_by_default,
+    apply_prediction_settings,
 )
 from sambridge.optim import OptimizerConfig
 
@@ -79,6 +79,9 @@ class DistillModule(GroundingModule):
         prediction: post-processing for validation metrics, test and ``predict``.
         image_size: the data pipeline's canvas size (linked from the data module); each model
             resizes the canvas to its own input size (``model_args.image_size`` for the student).
+        compile: ``torch.compile`` the student's image encoder (each Hiera block, or the timm trunk).
+        activation_checkpointing: recompute the student's image-encoder activations in the backward
+            pass (each Hiera block, or each timm stage): less memory, more encoder compute.
     """
 
     def __init__(
@@ -101,6 +104,8 @@ class DistillModule(GroundingModule):
         optimizer: OptimizerConfig | None = None,
         prediction: PredictSettings | None = None,
         image_size: int | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(
             model=model,
@@ -113,6 +118,8 @@ class DistillModule(GroundingModule):
             optimizer=optimizer,
             prediction=prediction,
             image_size=image_size,
+            compile=compile,
+            activation_checkpointing=activation_checkpointing,
         )
 
     # ------------------------------------------------------------------ configuration
@@ -136,7 +143,7 @@ class DistillModule(GroundingModule):
             init_head_from(self.model, teacher, source=f"teacher {hp.teacher!r}")
         apply_finetune_mode(self.model, hp.finetune, lora=config_arg(hp.lora, LoraSettings))
         self.predict_settings = config_arg(hp.prediction, PredictSettings)
-        self.model.refine_masks = refine_by_default(hp.sam2_checkpoint, self.predict_settings)
+        apply_prediction_settings(self.model, hp.sam2_checkpoint, self.predict_settings)
         keep = hp.mode == "online" or self._uses("text_")
         object.__setattr__(self, "teacher", teacher if keep else None)  # outside the module tree (see above)
         self.teacher_dim = self._teacher_dim(teacher)
@@ -292,15 +299,21 @@ class DistillModule(GroundingModule):
 def init_head_from(student: nn.Module, teacher: nn.Module, source: str) -> None:
     """Copy the teacher's grounding-head weights into the student (strict on the head's keys and shapes).
 
+    The student's two-stage query selection (not part of SAM3's head) keeps its own initialisation.
+
     Raises:
         CheckpointError: naming the missing/unexpected keys and shape mismatches when the heads differ.
     """
     from sambridge.models.checkpoint_io import check_state_dict
-    from sambridge.models.grounding_head import head_state_dict
+    from sambridge.models.grounding_head import QUERY_SELECTION_PREFIX, head_state_dict
 
     teacher_head = head_state_dict(teacher.detector)
+    student_head = head_state_dict(student.detector)
+    for key, value in student_head.items():
+        if key.startswith(QUERY_SELECTION_PREFIX):
+            teacher_head.setdefault(key, value)
     check_state_dict(
-        head_state_dict(student.detector),
+        student_head,
         teacher_head,
         f"{source} head (init_head_from_teacher needs the same head dims)",
     )

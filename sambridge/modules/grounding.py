@@ -28,20 +28,40 @@ class PredictSettings:
             (``true``) or the grounding head's own stride-4 masks (``false``); ``null`` (default):
             SAM2's decoder when the run starts from a SAM2 checkpoint (its decoder is trained),
             the head's masks otherwise (a random decoder learns several times slower than the head).
+        outputs: which decoder queries make the detections: ``one_to_one`` (SAM3's inference) or
+            ``one_to_many`` (the DAC queries, trained with several matches per object: their scores
+            learn far sooner, and ``nms_iou`` removes their duplicates).
         nms_iou: drop detections whose box overlaps a higher-scoring one of the same phrase by IoU
-            above this (``null``: none; the head is trained one-to-one and needs none once trained).
+            above this (``null``: none); required with ``one_to_many`` outputs.
     """
 
     top_k: int = 20
     score_threshold: float = 0.1
     refine: bool | None = None
+    outputs: Literal["one_to_one", "one_to_many"] = "one_to_one"
     nms_iou: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.outputs not in ("one_to_one", "one_to_many"):
+            raise ValueError(f"prediction.outputs must be one_to_one or one_to_many, got {self.outputs!r}")
+        if self.outputs == "one_to_many" and self.nms_iou is None:
+            raise ValueError("prediction.outputs: one_to_many needs prediction.nms_iou (e.g. 0.5): "
+                             "several one-to-many queries predict each object")
 
 
 def refine_by_default(sam2_checkpoint: str | None, prediction: PredictSettings | dict | None) -> bool:
     """Whether instance masks come from SAM2's decoder: as configured, else iff it started from SAM2 weights."""
     refine = config_arg(prediction, PredictSettings).refine
     return sam2_checkpoint is not None if refine is None else refine
+
+
+def apply_prediction_settings(model: nn.Module, sam2_checkpoint: str | None,
+                              prediction: PredictSettings | dict | None) -> None:
+    """Make ``model``'s inference defaults (mask source, outputs, NMS) those the run validates with."""
+    settings = config_arg(prediction, PredictSettings)
+    model.refine_masks = refine_by_default(sam2_checkpoint, settings)
+    model.one_to_many_outputs = settings.outputs == "one_to_many"
+    model.nms_iou = settings.nms_iou
 
 
 @dataclass
@@ -60,6 +80,9 @@ class GroundingLossWeights:
         refine_iou: L1 on SAM2's IoU prediction.
         refine_object_score: SAM2's object-score BCE.
         o2m: multiplier of the one-to-many (DAC) query losses.
+        score_target: what a matched query's score learns: ``iou`` (SAM3's IoU-aware soft target:
+            the score converges to the box IoU) or ``binary`` (1: the score becomes the probability
+            that the detection is right, which SAM3's 0.5 threshold assumes).
         mask_stride: stride of the input canvas at which the head's masks are compared with the
             ground truth (1: full resolution); ``null``: the head's own resolution (stride 4).
     """
@@ -75,6 +98,7 @@ class GroundingLossWeights:
     refine_iou: float = 1.0
     refine_object_score: float = 1.0
     o2m: float = 2.0
+    score_target: Literal["iou", "binary"] = "iou"
     mask_stride: int | None = None
 
 
@@ -94,6 +118,9 @@ class GroundingModule(BaseTask):
         prediction: post-processing for validation metrics, test and ``predict`` (not named
             ``predict``: that is the data module's predict split, and Lightning merges both).
         image_size: model input size (square, multiple of 32); linked to the data module's.
+        compile: ``torch.compile`` the image encoder (each SAM2 Hiera block, or the timm trunk).
+        activation_checkpointing: recompute the image encoder's activations in the backward pass
+            (each Hiera block, or each timm stage): less memory, about a third more encoder compute.
     """
 
     monitor = "val_cgF1"
@@ -103,8 +130,10 @@ class GroundingModule(BaseTask):
                  sam2_checkpoint: str | None = None, sam3_checkpoint: str | None = None,
                  finetune: FinetuneMode = "full", lora: LoraSettings | None = None,
                  loss: GroundingLossWeights | None = None, optimizer: OptimizerConfig | None = None,
-                 prediction: PredictSettings | None = None, image_size: int | None = None) -> None:
-        super().__init__(optimizer=optimizer, image_size=image_size)
+                 prediction: PredictSettings | None = None, image_size: int | None = None,
+                 compile: bool = False, activation_checkpointing: bool = False) -> None:
+        super().__init__(optimizer=optimizer, image_size=image_size, compile=compile,
+                         activation_checkpointing=activation_checkpointing)
 
     # ------------------------------------------------------------------ configuration
     def configure_models(self) -> None:
@@ -118,7 +147,7 @@ class GroundingModule(BaseTask):
                                   sam3_checkpoint=hp.sam3_checkpoint, **overrides)
         apply_finetune_mode(self.model, hp.finetune, lora=config_arg(hp.lora, LoraSettings))
         self.predict_settings = config_arg(hp.prediction, PredictSettings)
-        self.model.refine_masks = refine_by_default(hp.sam2_checkpoint, self.predict_settings)
+        apply_prediction_settings(self.model, hp.sam2_checkpoint, self.predict_settings)
 
     def configure_losses(self) -> None:
         from sambridge.losses import GroundingLoss

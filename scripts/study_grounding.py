@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""One row of the grounding-head study (docs/training.md): train a recipe for a few hundred steps on
+the demo shards and score one-to-one and one-to-many (+ NMS) outputs on val and held-out every K steps.
+
+A plain loop over ``GroundingModule``'s own model, loss and optimiser (no Lightning, no loader
+workers) so that rows differ only in what a flag changes::
+
+    python scripts/study_grounding.py --steps 600 --every 300 --lr 1e-3 --weight-decay 0 \\
+        --model-args '{"head_token_stride": 8}' --loss '{"mask_stride": 1, "score_target": "binary"}'
+
+Prints one JSON line per evaluation (and the running mean of every loss term every 50 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/synthetic_demo", help="demo shards (train/val/heldout)")
+    parser.add_argument("--model", default="grounded_sam2_demo")
+    parser.add_argument("--model-args", default="{}", help="JSON create_model overrides")
+    parser.add_argument("--loss", default='{"mask_stride": 1}', help="JSON GroundingLossWeights fields")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--every", type=int, default=300, help="evaluate every this many steps")
+    parser.add_argument("--eval-batches", type=int, default=8, help="batches of 8 images per split")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--nms-iou", type=float, default=0.5, help="NMS of the one-to-many outputs")
+    args = parser.parse_args()
+
+    from data_pipelines import ShardDataModule
+    from sambridge.metrics import ConceptSegmentationMetrics
+    from sambridge.modules import GroundingModule
+    from sambridge.modules.grounding import GroundingLossWeights
+    from sambridge.optim import OptimizerConfig, build_optimizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = ShardDataModule(train=f"{args.data}/train", val=f"{args.data}/val", test=f"{args.data}/heldout",
+                           batch_size=8, num_workers=0, pin_memory=False, persistent_workers=False,
+                           image_size=args.image_size, max_queries_per_image=6, negatives_per_image=2)
+    data.setup("fit")
+    data.setup("test")
+    optimizer_config = OptimizerConfig(lr=args.lr, lr_multipliers={"backbone": 1.0, "text": 1.0},
+                                       weight_decay=args.weight_decay, warmup_steps=args.warmup)
+    module = GroundingModule(model=args.model, model_args=json.loads(args.model_args), image_size=args.image_size,
+                             loss=GroundingLossWeights(**json.loads(args.loss)), optimizer=optimizer_config)
+    model = module.model
+    optimizer, schedule = build_optimizer(module.trainable_parameter_groups(), optimizer_config, args.steps)
+    size = (args.image_size, args.image_size)
+
+    @torch.no_grad()
+    def evaluate(loader) -> dict[str, dict[str, float]]:
+        scores = {"one_to_one": ConceptSegmentationMetrics(), "one_to_many": ConceptSegmentationMetrics()}
+        model.eval()
+        for i, batch in enumerate(loader):
+            if i >= args.eval_batches:
+                break
+            for outputs, metrics in scores.items():
+                model.one_to_many_outputs = outputs == "one_to_many"
+                out = model(batch.images, batch.phrases, batch.query_image)
+                nms = args.nms_iou if model.one_to_many_outputs else None
+                metrics.update_from_batch(model.postprocess(out, top_k=20, score_threshold=0.1, out_hw=size,
+                                                            nms_iou=nms), batch)
+        model.one_to_many_outputs = False
+        model.train()
+        keys = ("cgF1", "AP", "IL_MCC", "pmF1", "count_mae", "duplicate_rate")
+        return {name: {k: round(float(v), 3) for k, v in m.compute().items() if k in keys}
+                for name, m in scores.items()}
+
+    start, step, running = time.time(), 0, {}
+    batches = iter(data.train_dataloader())
+    model.train()
+    while step < args.steps:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(data.train_dataloader())
+            batch = next(batches)
+        with torch.jit.optimized_execution(False):
+            losses = module.loss_fn(model(batch.images, batch.phrases, batch.query_image, targets=batch), batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        for name, value in losses.items():
+            if "_aux_" not in name and "o2m" not in name:
+                running.setdefault(name, []).append(float(value.detach()))
+        if step % 50 == 0:
+            means = {k: round(sum(v) / len(v), 3) for k, v in running.items()}
+            print(f"step {step} ({time.time() - start:.0f} s) {means}", flush=True)
+            running = {}
+        if step % args.every == 0:
+            row = {"step": step, "seconds": round(time.time() - start),
+                   "val": evaluate(data.val_dataloader()), "heldout": evaluate(data.test_dataloader())}
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
