@@ -5,14 +5,18 @@
   new complete file. (Lightning's own writer stages the file in the system temp directory and then
   *moves* it; across file systems - node-local ``/tmp`` to a shared run directory, the usual cluster
   layout - that move is a copy, which a kill can interrupt halfway.) ``train.py`` installs it.
+  Beside each file it writes a digest, ``<name>.sha256`` (sha256, size and global step, as JSON).
 * :func:`check_checkpoint` tells a complete checkpoint from a truncated or corrupt one without
-  unpickling it: a ``torch.save`` file is a zip archive whose directory is written last.
-* :func:`resolve_resume_checkpoint` picks the newest complete checkpoint of a run directory
-  (``--ckpt_path auto``), warning about each newer one it had to pass over.
+  unpickling it: a ``torch.save`` file is a zip archive whose directory is written last, and a file
+  with a digest must match it byte for byte (a flipped byte inside a tensor fails).
+* :func:`resolve_resume_checkpoint` picks the complete checkpoint of a run directory that is
+  furthest into training (``--ckpt_path auto``), warning about each further one it had to pass over.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import zipfile
@@ -28,10 +32,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from sambridge.models.checkpoint_io import CheckpointError
 
 AUTO = "auto"
-"""``--ckpt_path`` value that resumes from the newest complete checkpoint of the run."""
+"""``--ckpt_path`` value that resumes from the complete checkpoint of the run furthest into training."""
 
 HPC_PATTERN = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
 """Lightning's name for checkpoints written before a SLURM requeue (``hpc_ckpt_<n>.ckpt``)."""
+
+STEP_PATTERN = re.compile(r"step=(\d+)")
+"""The global step in Lightning's checkpoint file names (``epoch=0-step=40.ckpt``)."""
+
+DIGEST_SUFFIX = ".sha256"
+"""Suffix of the digest file written beside each checkpoint (``last.ckpt`` -> ``last.ckpt.sha256``)."""
 
 SHARDED_METADATA = "meta.pt"
 """The file Lightning writes last into a sharded (FSDP ``state_dict_type: sharded``) checkpoint."""
@@ -49,19 +59,46 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: _PATH) -> None:
-    """``torch.save`` to ``path`` through a temporary file in the same directory and an atomic rename."""
-    path = Path(str(path).removeprefix("file://"))
-    path.parent.mkdir(parents=True, exist_ok=True)
+def digest_path(path: _PATH) -> Path:
+    """Where the digest of checkpoint ``path`` lives."""
+    return Path(f"{path}{DIGEST_SUFFIX}")
+
+
+def file_sha256(path: _PATH) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, write) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj: Any, path: _PATH) -> None:
+    """``torch.save`` to ``path`` through a temporary file in the same directory and an atomic rename,
+    then its digest beside it (:func:`digest_path`).
+
+    A kill between the two leaves a checkpoint whose digest is the previous file's: it fails
+    :func:`check_checkpoint` and ``--ckpt_path auto`` passes over it, naming it.
+    """
+    path = Path(str(path).removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, lambda file: torch.save(obj, file))
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    record = {"sha256": file_sha256(path), "bytes": path.stat().st_size,
+              "global_step": step if isinstance(step, int) else None}
+    _write_atomically(digest_path(path), lambda file: file.write(json.dumps(record).encode()))
     _fsync_directory(path.parent)
 
 
@@ -78,6 +115,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
         atomic_torch_save(checkpoint, path)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Remove a checkpoint (``ModelCheckpoint`` keeping its top k) and its digest."""
+        super().remove_checkpoint(path)
+        if _is_local(path):
+            digest_path(str(path).removeprefix("file://")).unlink(missing_ok=True)
 
 
 def use_atomic_checkpoint_io(trainer) -> bool:
@@ -118,12 +161,61 @@ def check_checkpoint(path: _PATH) -> None:
     if past_end:
         raise CheckpointError(f"checkpoint {path} is truncated: {past_end[:3]} reach past its end "
                               f"({size} bytes)")
+    _check_digest(path, size)
+
+
+def _read_digest(path: Path) -> dict | None:
+    recorded = digest_path(path)
+    if not recorded.is_file():
+        return None
+    try:
+        record = json.loads(recorded.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+            raise ValueError("no 'sha256' string")
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint digest {recorded} is unreadable ({err}): remove it to accept "
+                              f"{path.name} unchecked") from err
+    return record
+
+
+def _check_digest(path: Path, size: int) -> None:
+    record = _read_digest(path)
+    if record is None:
+        return  # written by another writer: the zip structure is all there is to check
+    if record.get("bytes") not in (None, size) or file_sha256(path) != record["sha256"]:
+        raise CheckpointError(f"checkpoint {path} does not match its digest {digest_path(path).name} "
+                              "(corrupt, or the job was killed between writing the two): remove the "
+                              "digest to accept the file unchecked")
+
+
+def checkpoint_step(path: _PATH) -> int:
+    """The global step a checkpoint was saved at: its digest's record, else its ``global_step`` entry
+    (read with ``mmap`` and ``weights_only``), else the ``step=N`` of Lightning's file names (so a
+    broken file still ranks where it belongs, and is named when passed over); -1 when none is there."""
+    path = Path(path)
+    if not path.is_dir():
+        try:
+            record = _read_digest(path)
+        except CheckpointError:
+            record = None
+        if record is not None and isinstance(record.get("global_step"), int):
+            return record["global_step"]
+    stamped = path / SHARDED_METADATA if path.is_dir() else path
+    try:
+        step = torch.load(stamped, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # noqa: BLE001 - check_checkpoint names what is wrong with the file
+        step = None
+    if isinstance(step, int):
+        return step
+    named = STEP_PATTERN.search(path.name)
+    return int(named.group(1)) if named else -1
 
 
 def find_checkpoints(roots: Iterable[_PATH]) -> list[Path]:
-    """Every checkpoint (``*.ckpt`` file or sharded directory) under ``roots``, newest first.
+    """Every checkpoint (``*.ckpt`` file or sharded directory) under ``roots``, furthest first.
 
-    Newest means last modified; ties go to the later ``hpc_ckpt_<n>``, then the name.
+    Furthest means the highest global step (:func:`checkpoint_step`); ties go to the last modified,
+    then the later ``hpc_ckpt_<n>``, then the name.
     """
     found: dict[Path, None] = {}
     for root in roots:
@@ -133,17 +225,17 @@ def find_checkpoints(roots: Iterable[_PATH]) -> list[Path]:
                 if not any(parent.suffix == ".ckpt" for parent in path.relative_to(root).parents):
                     found[path.resolve()] = None
 
-    def order(path: Path) -> tuple[float, int, str]:
+    def order(path: Path) -> tuple[int, float, int, str]:
         stamped = path / SHARDED_METADATA if path.is_dir() else path
         modified = stamped.stat().st_mtime if stamped.exists() else 0.0
-        return modified, _hpc_number(path), path.name
+        return checkpoint_step(path), modified, _hpc_number(path), path.name
     return sorted(found, key=order, reverse=True)
 
 
 def resolve_resume_checkpoint(roots: Iterable[_PATH]) -> Path | None:
-    """The newest complete checkpoint under ``roots`` (None when there is none at all).
+    """The complete checkpoint under ``roots`` furthest into training (None when there is none at all).
 
-    Each newer checkpoint that is truncated or corrupt is skipped with a warning naming it.
+    Each further checkpoint that is truncated or corrupt is skipped with a warning naming it.
 
     Raises:
         CheckpointError: when checkpoints exist but none is complete (starting over would silently

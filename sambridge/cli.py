@@ -104,7 +104,7 @@ class SambridgeCLI(LightningCLI):
                 callback.mark("built", self._built_at)
 
     def _resolve_ckpt_path(self) -> None:
-        from sambridge.checkpointing import AUTO, resolve_resume_checkpoint
+        from sambridge.checkpointing import AUTO, checkpoint_step, resolve_resume_checkpoint
 
         config = self.config_init[self.subcommand]
         requested = config.get("ckpt_path")
@@ -115,8 +115,9 @@ class SambridgeCLI(LightningCLI):
             if not configured_root:
                 raise ValueError(f"--ckpt_path {AUTO} resumes the run in --trainer.default_root_dir: set it")
             found = resolve_resume_checkpoint(run_directories(self.trainer))
-            rank_zero_info(f"--ckpt_path {AUTO}: " + (f"resuming from {found}" if found else
-                                                      "no checkpoint in the run directory, starting afresh"))
+            rank_zero_info(f"--ckpt_path {AUTO}: " + (
+                f"resuming from {found} (step {checkpoint_step(found)}, the furthest complete one)" if found
+                else "no checkpoint in the run directory, starting afresh"))
             config["ckpt_path"] = None if found is None else str(found)
 
 

@@ -50,7 +50,8 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_whole(tmp_path, mon
     monkeypatch.undo()
     check_checkpoint(path)
     assert step_of(path) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+    # no temporary file left behind; the digest still describes the previous file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
 
 
 def test_the_temporary_file_is_renamed_within_the_target_directory(tmp_path, monkeypatch):
@@ -60,8 +61,9 @@ def test_the_temporary_file_is_renamed_within_the_target_directory(tmp_path, mon
                                                          real_replace(src, dst)))
     path = saved(tmp_path / "run" / "step=3.ckpt", 3)
     assert step_of(path) == 3
-    (source, target), = renames
-    assert source.parent == target.parent == path.parent  # same file system: the rename is atomic
+    assert [target.name for _, target in renames] == ["step=3.ckpt", "step=3.ckpt.sha256"]
+    for source, target in renames:  # same file system: the rename is atomic
+        assert source.parent == target.parent == path.parent
 
 
 def test_lightning_default_writer_stages_checkpoints_in_the_system_temp_directory(tmp_path):
@@ -115,6 +117,40 @@ def test_the_newest_complete_checkpoint_is_chosen_and_broken_newer_ones_are_name
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no complete checkpoint"):
         resolve_resume_checkpoint([tmp_path])
     assert resolve_resume_checkpoint([tmp_path / "empty"]) is None
+
+
+def test_auto_resumes_the_furthest_step_not_the_last_modified_file(tmp_path):
+    """A copied run directory gets new modification times: the step decides, not the clock."""
+    furthest = saved(tmp_path / "checkpoints/epoch=1-step=20.ckpt", 20, mtime=1000)
+    last = saved(tmp_path / "checkpoints/last.ckpt", 20, mtime=1500)
+    earlier = saved(tmp_path / "checkpoints/epoch=0-step=10.ckpt", 10, mtime=2000)  # copied last
+    assert find_checkpoints([tmp_path]) == [last.resolve(), furthest.resolve(), earlier.resolve()]
+    assert step_of(resolve_resume_checkpoint([tmp_path])) == 20
+
+    for path in (furthest, last, earlier):  # written by another writer: the step is read from the file
+        path.with_name(path.name + ".sha256").unlink()
+    assert step_of(resolve_resume_checkpoint([tmp_path])) == 20
+
+
+def test_a_byte_flipped_inside_a_tensor_is_caught_by_the_digest(tmp_path):
+    older = saved(tmp_path / "step=1.ckpt", 1)
+    newer = saved(tmp_path / "step=2.ckpt", 2)
+    blob = bytearray(newer.read_bytes())
+    offset = blob.find(torch.full((64, 64), 2.0).numpy().tobytes()[:64])  # inside the tensor's bytes
+    assert offset > 0
+    blob[offset + 1] ^= 0xFF
+    newer.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"step=2\.ckpt does not match its digest"):
+        check_checkpoint(newer)
+    with pytest.warns(UserWarning, match=r"step=2\.ckpt does not match its digest"):
+        assert resolve_resume_checkpoint([tmp_path]) == older.resolve()
+
+
+def test_removing_a_checkpoint_removes_its_digest(tmp_path):
+    path = saved(tmp_path / "step=1.ckpt", 1)
+    assert (tmp_path / "step=1.ckpt.sha256").is_file()
+    AtomicCheckpointIO().remove_checkpoint(path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_hpc_checkpoints_are_numbered_after_the_highest(tmp_path):
