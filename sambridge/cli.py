@@ -2,10 +2,13 @@
 
     python train.py fit --config configs/demo/grounding_tiny.yaml
     sambridge fit|validate|test|predict --config ...   (the same CLI)
-    python train.py fit --config ... --ckpt_path auto  (resume from the newest complete checkpoint)
+    python train.py fit --config ... --ckpt_path auto  (resume from the furthest complete checkpoint)
     sambridge data coco|saco|mask-folder|synthetic|inspect ...
     sambridge evaluate --gt GT.json --pred PRED.json
     sambridge demo
+
+A user error (a missing file, a bad checkpoint, shard or annotation) ends any of them with one line,
+``error: ...``, and exit code 2; ``--debug`` (or ``SAMBRIDGE_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("sambridge.export", "write a standalone student file from a training checkpoint"),
 }
 
+
+DEBUG_FLAG = "--debug"
+"""Command-line flag (any command) that shows tracebacks of user errors instead of one line."""
+
+USER_ERROR_EXIT = 2
+"""Exit code of a command stopped by a user error (:func:`user_error`)."""
 
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
 """``ckpt_path`` values Lightning resolves itself."""
@@ -152,20 +161,58 @@ def _tool(name: str) -> Callable[[list[str]], int | None]:
     return importlib.import_module(TOOL_COMMANDS[name][0]).main
 
 
+def user_error(error: BaseException) -> BaseException | None:
+    """The user error behind ``error`` (itself or one it was raised from, e.g. through jsonargparse's
+    wrapping of a failed instantiation): a missing file, an output that exists, or a bad checkpoint, shard, sample, annotation or
+    vocabulary. ``None`` for anything else, which is a bug and keeps its traceback."""
+    from data_pipelines.convert.common import InputError
+    from data_pipelines.datamodule import MissingSplitError
+    from data_pipelines.pipeline import ShardReadError
+    from data_pipelines.schema import SampleError
+    from data_pipelines.vocab import VocabularyError
+    from sambridge.metrics.saco import RecordError
+    from sambridge.models.checkpoint_io import CheckpointError
+
+    kinds = (CheckpointError, SampleError, InputError, VocabularyError, RecordError, ShardReadError,
+             MissingSplitError, FileNotFoundError, FileExistsError)
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``train.py``, ``python -m sambridge`` and the ``sambridge`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
+    debug = DEBUG_FLAG in argv or os.environ.get("SAMBRIDGE_DEBUG") == "1"
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    try:
+        code = _run(argv, called=args is not None)
+    except Exception as err:
+        cause = None if debug else user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause} (run with {DEBUG_FLAG} for the traceback)", file=sys.stderr)
+        code = USER_ERROR_EXIT
+    if args is None:  # run as a program (train.py, python -m sambridge, the console script), not called
+        exit_process(code)
+    if code:
+        raise SystemExit(code)
+
+
+def _run(argv: list[str], called: bool) -> int:
     if argv and argv[0] in TOOL_COMMANDS:
-        code = _tool(argv[0])(argv[1:])
-        if code:
-            raise SystemExit(code)
-        return
+        return _tool(argv[0])(argv[1:]) or 0
     if argv and argv[0] in ("-h", "--help"):
         tools = "\n".join(f"  {name:10s} {help_}" for name, (_, help_) in TOOL_COMMANDS.items())
         print(f"tool commands (sambridge COMMAND --help):\n{tools}\n\ntraining commands:")
-    lightning_cli(None if args is None else argv)
-    if args is None:  # run as a program (train.py, python -m sambridge, the console script), not called
-        exit_process(0)
+    if not called:
+        sys.argv[1:] = argv  # without --debug, which Lightning's parser does not know
+    lightning_cli(argv if called else None)
+    return 0
 
 
 def exit_process(code: int = 0) -> NoReturn:

@@ -175,11 +175,15 @@ def test_cli_export_and_its_errors(distill_run, tmp_path, capsys):
     out = tmp_path / "student.pt"
     main(["export", "--checkpoint", str(distill_run[1]), "--out", str(out)])
     assert "student written to" in capsys.readouterr().out and out.is_file()
-    with pytest.raises(FileExistsError, match="student.pt exists"):
-        main(["export", "--checkpoint", str(distill_run[1]), "--out", str(out)])
-    with pytest.raises(CheckpointError, match="not trained with finetune: lora"):
-        main(["export", "--checkpoint", str(distill_run[1]), "--out", str(tmp_path / "a.safetensors"),
-              "--adapters-only"])
+    for args, message in (
+        (["--out", str(out)], "student.pt exists"),
+        (["--out", str(tmp_path / "a.safetensors"), "--adapters-only"], "not trained with finetune: lora"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main(["export", "--checkpoint", str(distill_run[1]), *args])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
         export_student(out, tmp_path / "again.pt")  # a student file is not a training checkpoint
     with pytest.raises(CheckpointError, match="Lightning checkpoint not found: .*nope.ckpt"):

@@ -1,0 +1,72 @@
+"""Faults a user makes end every command with one clear line and exit code 2; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sambridge import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(args: list[str], capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(args)
+    return stopped.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_shipped_config_without_its_sam2_checkpoint_says_so_in_one_line():
+    """As a new user runs it: the official checkpoint is not downloaded yet."""
+    done = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", "configs/grounding/sam2.1_hiera_t_lora.yaml",
+         "--model.init_args.sam2_checkpoint", "checkpoints/not_downloaded.pt"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == ("error: SAM2 checkpoint not found: checkpoints/not_downloaded.pt "
+                    "(run with --debug for the traceback)")
+    assert "Traceback" not in done.stderr
+
+
+def test_a_missing_shard_directory_names_it(tmp_path, capsys):
+    code, err = run_main(["fit", "--config", str(ROOT / "configs/demo/grounding_tiny.yaml"),
+                          "--data.init_args.train", str(tmp_path / "missing"),
+                          "--trainer.default_root_dir", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert err[-1].startswith("error: 1 shard(s) of ") and str(tmp_path / "missing") in err[-1]
+
+
+def test_a_tool_command_on_a_missing_file_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    args = ["evaluate", "--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "pred.json")]
+    code, err = run_main(args, capsys)
+    assert code == 2 and err == [f"error: [Errno 2] No such file or directory: '{tmp_path / 'gt.json'}' "
+                                 "(run with --debug for the traceback)"]
+    with pytest.raises(FileNotFoundError):
+        cli.main([*args, "--debug"])
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def broken(argv):
+        raise ZeroDivisionError("a bug, not the user's fault")
+
+    monkeypatch.setattr(cli, "_tool", lambda name: broken)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["evaluate"])
+
+
+def test_the_user_error_is_found_behind_the_wrapping_exceptions():
+    from sambridge.models.checkpoint_io import CheckpointError
+
+    try:
+        try:
+            raise CheckpointError("SAM2 checkpoint not found: x.pt")
+        except CheckpointError as inner:
+            raise ValueError("Does not validate against any of the Union subtypes") from inner
+    except ValueError as outer:
+        assert str(cli.user_error(outer)) == "SAM2 checkpoint not found: x.pt"
+    assert cli.user_error(RuntimeError("bug")) is None
