@@ -163,8 +163,9 @@ def _tool(name: str) -> Callable[[list[str]], int | None]:
 
 def user_error(error: BaseException) -> BaseException | None:
     """The user error behind ``error`` (itself or one it was raised from, e.g. through jsonargparse's
-    wrapping of a failed instantiation): a missing file, an output that exists, or a bad checkpoint, shard, sample, annotation or
-    vocabulary. ``None`` for anything else, which is a bug and keeps its traceback."""
+    wrapping of a failed instantiation): a missing file, an output that exists, or a bad checkpoint,
+    shard, sample, annotation or vocabulary. ``None`` for anything else: a bug, which keeps its
+    traceback."""
     from data_pipelines.convert.common import InputError
     from data_pipelines.datamodule import MissingSplitError
     from data_pipelines.pipeline import ShardReadError
