@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,9 +206,11 @@ def encode_image(array: np.ndarray, image_format: str = "png", quality: int = 95
     return buf.getvalue()
 
 
-def image_size_of(data: bytes) -> tuple[int, int]:
-    """(width, height) read from the header without decoding pixels."""
+def checked_image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image whose every pixel decodes (a truncated body fails, not only a bad
+    header); raises what Pillow raises for bytes that do not decode."""
     with Image.open(io.BytesIO(data)) as img:
+        img.load()
         return img.size
 
 
@@ -270,7 +273,11 @@ def _validate_instance(inst: Any, hw: tuple[int, int], where: str, fail) -> None
     rle = inst["rle"]
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         fail("RLE must be an object with 'size' and 'counts'", f"{where}.rle")
-    if [int(s) for s in rle["size"]] != list(hw):
+    size = rle["size"]
+    if not (isinstance(size, list | tuple) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+        fail(f"RLE size must be [H, W] integers, got {size!r}", f"{where}.rle.size")
+    if list(size) != list(hw):
         fail(f"RLE size {list(rle['size'])} does not match image size [H, W] = {list(hw)}",
              f"{where}.rle.size")
     try:  # area and box come from the runs: no need to decode (H, W) pixels per instance
@@ -280,9 +287,10 @@ def _validate_instance(inst: Any, hw: tuple[int, int], where: str, fail) -> None
     if mask_utils.area(compressed) == 0:
         fail("mask is empty", f"{where}.rle")
     bbox = inst["bbox"]
-    numbers = isinstance(bbox, list | tuple) and all(isinstance(v, int | float) for v in bbox)
-    if not (numbers and len(bbox) == 4):
-        fail(f"bbox must be [x, y, w, h], got {bbox!r}", f"{where}.bbox")
+    numbers = isinstance(bbox, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+    if not (numbers and len(bbox) == 4 and bbox[2] >= 0 and bbox[3] >= 0):
+        fail(f"bbox must be [x, y, w, h] of finite numbers, w, h >= 0, got {bbox!r}", f"{where}.bbox")
     tight = mask_utils.toBbox(compressed)
     if max(abs(float(a) - float(b)) for a, b in zip(bbox, tight, strict=True)) > BBOX_TOLERANCE_PX:
         fail(f"bbox {list(bbox)} disagrees with the mask's box {[int(v) for v in tight]}", f"{where}.bbox")
@@ -308,7 +316,7 @@ def sample_from_wds(record: dict[str, Any], *, source: str | None = None,
     size = None
     if check_image:
         try:
-            size = image_size_of(image)
+            size = checked_image_size(image)
         except Exception as err:
             raise SampleError(f"image does not decode: {err}", source=source, key=key,
                               field=formats[0]) from err

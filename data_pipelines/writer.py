@@ -36,7 +36,7 @@ from data_pipelines.schema import (
     SCHEMA_VERSION,
     Sample,
     SampleError,
-    image_size_of,
+    checked_image_size,
     validate_key,
     validate_meta,
 )
@@ -113,7 +113,7 @@ class ShardSink:
         mode: ``new`` refuses to touch a directory that already holds this shard set,
             ``overwrite`` deletes it first, ``resume`` keeps verified finished shards and continues.
         command: the command line that made the shards, recorded in the manifest.
-        check_images: decode each image's header and check it against the metadata size.
+        check_images: decode each image (every pixel) and check its size against the metadata.
         on_invalid: ``skip`` counts and reports invalid samples; ``raise`` stops at the first.
         progress: show a tqdm bar.
         total: number of source items, for the progress bar.
@@ -273,7 +273,7 @@ class ShardSink:
             err = SampleError("key is not unique in this shard set", key=sample.key, field="__key__")
             return self._invalid(sample.key, err)
         try:
-            size = image_size_of(sample.image) if self.check_images else None
+            size = checked_image_size(sample.image) if self.check_images else None
             validate_meta(sample.meta(), key=sample.key, source=sample.origin, image_size=size)
         except SampleError as err:
             return self._invalid(sample.key, err)

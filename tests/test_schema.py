@@ -12,12 +12,12 @@ from shard_helpers import box_mask, make_sample
 
 from data_pipelines.schema import (
     SampleError,
+    checked_image_size,
     compressed_rle_runs,
     decode_rle,
     encode_image,
     encode_mask,
     image_format_of,
-    image_size_of,
     instance_from_mask,
     normalize_phrase,
     rle_bbox,
@@ -84,9 +84,17 @@ def test_image_helpers() -> None:
     for fmt in ("png", "jpg", "webp"):
         data = encode_image(rgb, fmt)
         assert image_format_of(data) == fmt
-        assert image_size_of(data) == (20, 10)
+        assert checked_image_size(data) == (20, 10)
     with pytest.raises(ValueError, match="not JPEG, PNG or WebP"):
         image_format_of(b"GIF89a....")
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_an_image_with_a_truncated_body_does_not_pass_as_readable(fmt: str) -> None:
+    rng = np.random.default_rng(0)
+    data = encode_image(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), fmt)
+    with pytest.raises(OSError):  # the header alone still reads fine
+        checked_image_size(data[: len(data) // 2])
 
 
 def _meta() -> dict:
@@ -136,6 +144,26 @@ BROKEN = {
         lambda m: _set(m, "queries.0.instances.0.bbox", [1, 2, 3]),
         "queries[0].instances[0].bbox",
         "must be [x, y, w, h]",
+    ),
+    "rle size not a list": (
+        lambda m: _set(m, "queries.0.instances.0.rle.size", 24),
+        "queries[0].instances[0].rle.size",
+        "must be [H, W] integers",
+    ),
+    "rle size of strings": (
+        lambda m: _set(m, "queries.0.instances.0.rle.size", ["24", "x"]),
+        "queries[0].instances[0].rle.size",
+        "must be [H, W] integers",
+    ),
+    "NaN in bbox": (
+        lambda m: _set(m, "queries.0.instances.0.bbox", [float("nan"), 2, 3, 4]),
+        "queries[0].instances[0].bbox",
+        "finite numbers",
+    ),
+    "negative bbox width": (
+        lambda m: _set(m, "queries.0.instances.0.bbox", [1, 2, -3, 4]),
+        "queries[0].instances[0].bbox",
+        "w, h >= 0",
     ),
     "empty phrase": (lambda m: _set(m, "queries.1.phrase", "  "), "queries[1].phrase", "non-empty string"),
     "duplicate phrase": (
