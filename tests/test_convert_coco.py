@@ -167,6 +167,7 @@ def test_coco_end_to_end_subprocess(tmp_path: Path) -> None:
         "missing image file" in result.stdout
         and "image size differs from the annotation file" in result.stdout
     )
+    assert f"1 annotation(s) in {ann} name an image id the file does not have: left out" in result.stdout
     manifest = load_manifest(out)
     assert manifest["command"].startswith("python -m data_pipelines coco --annotations")
     assert [s["samples"] for s in manifest["shards"]] == [2, 1]
@@ -447,6 +448,8 @@ def test_interrupted_conversion_resumes_without_rereading_finished_images(
         ({"size": [5, 5], "counts": [25]}, "zero-area mask"),
         ({"size": [4, 4], "counts": [16]}, "RLE size differs from the image size"),
         ({"size": [5, 5]}, "malformed RLE"),
+        ({"size": ["5", "5"], "counts": [25]}, "malformed RLE"),
+        ({"size": ["a", 5], "counts": [25]}, "malformed RLE"),
         (42, "malformed segmentation"),
     ],
 )

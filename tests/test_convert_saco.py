@@ -210,3 +210,27 @@ def test_saco_size_mismatch_and_bad_file(tmp_path: Path) -> None:
     ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": []}))
     out = tmp_path / "out"
     assert main(["saco", "--annotations", str(ann), "--images", str(images), "--out", str(out)]) == 2
+
+
+def test_saco_pairs_with_unusable_labels_are_dropped_and_counted_not_guessed(tmp_path: Path) -> None:
+    """``text_input: null`` is not the phrase "none", a list is not "['red', 'apple']", "0" is not true."""
+    images = tmp_path / "images"
+    write_image(images / "a.jpeg", 24, 24, seed=1, fmt="JPEG")
+
+    def pair(pid, text, exhaustive=1):
+        return {"id": pid, "file_name": "a.jpeg", "text_input": text, "width": 24, "height": 24,
+                "is_instance_exhaustive": exhaustive}
+
+    ann = tmp_path / "saco.json"
+    ann.write_text(json.dumps({"images": [pair(1, None), pair(2, ["red", "apple"]), pair(3, "stem", "0"),
+                                          pair(4, "leaf", 0.5), pair(5, "fruit", True), pair(6, "twig", 0)],
+                               "annotations": []}))
+    out = tmp_path / "shards"
+    assert main(["saco", "--annotations", str(ann), "--images", str(images), "--out", str(out),
+                 "--no-progress"]) == 0
+    (sample,) = iter_samples(out)
+    assert [(q.phrase, q.exhaustive) for q in sample.queries] == [("fruit", True), ("twig", False)]
+    assert load_manifest(out)["dropped_annotations"]["by_reason"] == {
+        "pair whose text_input is not a string": 2,
+        "pair whose is_instance_exhaustive is not 0/1/true/false": 2,
+    }

@@ -298,6 +298,11 @@ class CocoConverter(Converter):
                 queries.append(Query(phrase, [], exhaustive=True))
         return queries
 
+    def notes(self) -> list[str]:
+        n = self.annotations_without_image
+        return [f"{n} annotation(s) in {self.annotations_path} name an image id the file does not have: "
+                "left out"] if n else []
+
     def manifest_extra(self) -> dict[str, Any]:
         negatives = "all" if self.negatives_per_image is None else self.negatives_per_image
         return {"converter": "coco", "format": self.fmt, "annotations": str(self.annotations_path),

@@ -168,6 +168,8 @@ def _rle_from_dict(segmentation: dict[str, Any], height: int, width: int) -> dic
     size, counts = segmentation.get("size"), segmentation.get("counts")
     if not isinstance(size, list | tuple) or len(size) != 2 or not isinstance(counts, str | bytes | list):
         raise DropAnnotation("malformed RLE")
+    if not all(_is_number(s) and float(s).is_integer() for s in size):
+        raise DropAnnotation("malformed RLE")
     if [int(s) for s in size] != [height, width]:
         raise DropAnnotation("RLE size differs from the image size")
     if isinstance(counts, list) and not all(isinstance(c, int) for c in counts):
@@ -218,6 +220,10 @@ class Converter(ABC):
         """Facts about the conversion recorded in the manifest's ``extra``."""
         return {}
 
+    def notes(self) -> list[str]:
+        """Lines printed after the summary about what the conversion left out of the input file."""
+        return []
+
     def items(self, start: int = 0) -> Iterator[Sample | Skip]:
         """Items ``start, start + 1, ...`` in a fixed order; the first ``start`` are not read at all."""
         for index in range(start, len(self)):
@@ -234,4 +240,6 @@ def write_shards(args: Any, converter: Converter) -> int:
         for item in converter.items(start=sink.start_index):
             sink.add(item)
     print(sink.summary())
+    for note in converter.notes():
+        print(note)
     return 0

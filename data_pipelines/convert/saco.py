@@ -9,7 +9,9 @@ normalised in SA-Co; boxes are recomputed from the masks.
 
 All pairs of one image file become one sample with all its phrases. A crowd region or an unusable
 mask makes its pair non-exhaustive (counted by reason); a second pair with the same (normalised)
-phrase on one image is dropped and counted.
+phrase on one image is dropped and counted, and so is a pair whose ``text_input`` is not a string
+(``null``, a list) or whose ``is_instance_exhaustive`` is not 0/1/true/false (``"0"``): nothing is
+guessed.
 """
 
 from __future__ import annotations
@@ -93,14 +95,21 @@ class SacoConverter(Converter):
                 raise SkipItem("image size differs from the annotation file",
                                f"{path} is {width}x{height}, pair {pair['id']!r} in {self.annotations_path} "
                                f"says {pair.get('width')}x{pair.get('height')}")
-            phrase = normalize_phrase(str(pair["text_input"]))
+            if not isinstance(pair["text_input"], str):
+                dropped["pair whose text_input is not a string"] += 1
+                continue
+            phrase = normalize_phrase(pair["text_input"])
             if not phrase:
                 dropped["pair with an empty text_input"] += 1
+                continue
+            exhaustive = pair.get("is_instance_exhaustive", True)
+            if exhaustive not in (0, 1) or isinstance(exhaustive, float):  # True/False/0/1, not "0" or 0.5
+                dropped["pair whose is_instance_exhaustive is not 0/1/true/false"] += 1
                 continue
             if phrase in queries:
                 dropped["pair repeating a phrase of its image"] += 1
                 continue
-            query = Query(phrase, [], exhaustive=bool(pair.get("is_instance_exhaustive", True)))
+            query = Query(phrase, [], exhaustive=bool(exhaustive))
             for ann in self.annotations_by_pair.get(pair["id"], []):
                 if ann.get("iscrowd"):
                     dropped["crowd region (pair made non-exhaustive)"] += 1
@@ -117,6 +126,11 @@ class SacoConverter(Converter):
         return Sample(key=self.key(index), image=data, image_format=image_format, width=width, height=height,
                       queries=list(queries.values()), image_id=file_name, source=self.source,
                       origin=str(path), dropped=dict(dropped))
+
+    def notes(self) -> list[str]:
+        n = self.annotations_without_pair
+        return [f"{n} annotation(s) in {self.annotations_path} name a pair id the file does not have: "
+                "left out"] if n else []
 
     def manifest_extra(self) -> dict[str, Any]:
         return {"converter": "saco", "annotations": str(self.annotations_path),
