@@ -15,6 +15,7 @@ from types import ModuleType
 
 from data_pipelines.convert.common import InputError
 from data_pipelines.schema import SampleError
+from data_pipelines.writer import ResumeMismatchError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -75,6 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_line = shlex.join(["python", "-m", "data_pipelines", *argv])
     try:
         return int(load_command(args.command).run(args))
-    except (InputError, SampleError, OSError) as err:
+    except (InputError, SampleError, ResumeMismatchError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -91,6 +91,19 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+class ResumeMismatchError(ValueError):
+    """``--resume`` of a shard set that was written with other arguments."""
+
+
+RUN_FLAGS = ("out", "resume", "overwrite", "no_progress", "command_line", "command")
+"""Arguments that say where and how a shard set is written, not what is in it (not in its settings)."""
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, paths and other objects strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file and rename (readers never see half a file)."""
     tmp = f"{path}.tmp"
@@ -118,13 +131,16 @@ class ShardSink:
         progress: show a tqdm bar.
         total: number of source items, for the progress bar.
         extra: JSON-serialisable facts to record in the manifest (vocabulary, thresholds...).
+        settings: what decides the samples (the command's arguments, :func:`sink_from_args`),
+            recorded in progress.json and the manifest; ``resume`` refuses to continue a shard set
+            written with other settings (:class:`ResumeMismatchError`).
     """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str = "shard", *, max_count: int = 1000,
                  max_bytes: float = 1e9, mode: WriteMode = "new", command: Sequence[str] | str | None = None,
                  check_images: bool = True, on_invalid: Literal["skip", "raise"] = "skip",
                  progress: bool = True, total: int | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> None:
         if mode not in ("new", "overwrite", "resume"):
             raise ValueError(f"mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
         self.out_dir = Path(out_dir)
@@ -133,6 +149,7 @@ class ShardSink:
         self.check_images, self.on_invalid = check_images, on_invalid
         self.command = command if isinstance(command, str) or command is None else shlex.join(command)
         self.extra = dict(extra or {})
+        self.settings = _json_safe(settings) if settings is not None else None
         self.shards: list[dict[str, Any]] = []
         self.phrases: dict[str, Counter] = {}
         self.skip_counts: Counter = Counter()
@@ -178,6 +195,7 @@ class ShardSink:
         manifest_path, progress_path = self.out_dir / MANIFEST, self.out_dir / PROGRESS
         if manifest_path.exists():
             manifest = json.loads(manifest_path.read_text())
+            self._check_settings(manifest.get("settings"), manifest_path)
             for record in manifest["shards"]:
                 if not self._verified(record):
                     raise RuntimeError(f"{self.out_dir / record['name']} is missing or fails its manifest "
@@ -187,8 +205,10 @@ class ShardSink:
             return
         if not progress_path.exists():
             return
+        progress = json.loads(progress_path.read_text())
+        self._check_settings(progress.get("settings"), progress_path)
         kept = []
-        for record in json.loads(progress_path.read_text())["shards"]:
+        for record in progress["shards"]:
             if not self._verified(record):
                 break
             kept.append(record)
@@ -204,6 +224,15 @@ class ShardSink:
         for record in kept:
             with tarfile.open(self.out_dir / record["name"]) as tar:
                 self._keys.update(m.name.split(".", 1)[0] for m in tar.getmembers())
+
+    def _check_settings(self, recorded: dict[str, Any] | None, where: Path) -> None:
+        if recorded is None or self.settings is None or recorded == self.settings:
+            return
+        differ = sorted(set(recorded) | set(self.settings))
+        changes = [f"{k}: {recorded.get(k)!r} -> {self.settings.get(k)!r}" for k in differ
+                   if recorded.get(k) != self.settings.get(k)]
+        raise ResumeMismatchError(f"{where} was written with other settings ({'; '.join(changes)}): resume "
+                                  "with the original arguments, or pass --overwrite / another --out")
 
     def _verified(self, record: dict[str, Any]) -> bool:
         path = self.out_dir / record["name"]
@@ -241,7 +270,8 @@ class ShardSink:
             "instances": stats.instances, "negatives": stats.negatives, "bytes": os.path.getsize(name),
             "sha256": sha256_of(name), "consumed": self._consumed, "state": self._counts(),
         })
-        write_json_atomic(self.out_dir / PROGRESS, {"schema": SCHEMA_VERSION, "shards": self.shards})
+        write_json_atomic(self.out_dir / PROGRESS, {"schema": SCHEMA_VERSION, "settings": self.settings,
+                                                    "shards": self.shards})
 
     def add(self, item: Sample | Skip) -> bool:
         """Validate and write one sample, or count a skip. Returns True if the sample was written."""
@@ -339,6 +369,7 @@ class ShardSink:
             "shards": shards,
             **self._counts(),
             "extra": self.extra,
+            "settings": self.settings,
         }
 
     def close(self) -> dict[str, Any]:
@@ -431,7 +462,8 @@ def sink_from_args(args: Any, *, out_dir: str | os.PathLike | None = None, total
     mode: WriteMode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
     if command is None:
         command = ["python", "-m", "data_pipelines", *sys.argv[1:]]
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_FLAGS and not callable(v)}
     return ShardSink(out_dir or args.out, prefix=args.prefix, max_count=args.max_count,
                      max_bytes=args.max_bytes, mode=mode, command=command,
                      on_invalid="raise" if args.strict else "skip",
-                     progress=not args.no_progress, total=total, extra=extra)
+                     progress=not args.no_progress, total=total, extra=extra, settings=settings)

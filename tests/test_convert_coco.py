@@ -394,7 +394,9 @@ def test_resume_and_existing_output(tmp_path: Path, capsys: pytest.CaptureFixtur
     first = {p.name: p.read_bytes() for p in out.glob("*.tar")}
     assert _convert(ann, images, out) == 2
     assert "already holds shards" in capsys.readouterr().err
-    assert _convert(ann, images, out, "--resume") == 0
+    assert _convert(ann, images, out, "--resume") == 2  # without --max-count 1: other settings
+    assert "max_count: 1 -> 1000" in capsys.readouterr().err
+    assert _convert(ann, images, out, "--max-count", "1", "--resume") == 0
     assert "already complete with 3 samples" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == first
 
@@ -423,6 +425,8 @@ def test_interrupted_conversion_resumes_without_rereading_finished_images(
     assert sorted(p.name for p in out.iterdir()) == ["progress.json", "shard-000000.tar"]
     calls.clear()
     crash_at.clear()
+    assert _convert(ann, images, out, "--max-count", "2", "--resume") == 2  # other settings: refused
+    assert calls == [] and sorted(p.name for p in out.iterdir()) == ["progress.json", "shard-000000.tar"]
     assert _convert(ann, images, out, "--max-count", "1", "--resume") == 0
     # shard 0 holds the first image and is kept; items 1-4 are converted again (shard 1 was unfinished)
     assert calls == [1, 2, 3, 4]

@@ -23,6 +23,7 @@ from data_pipelines.synthetic import (
     run,
     split_vocabulary,
 )
+from data_pipelines.writer import ResumeMismatchError
 
 HELDOUT_PAIRS = {("green", "triangle"), ("blue", "star")}
 
@@ -178,28 +179,27 @@ def test_rejects_bad_settings():
 def test_command_line(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--out",
-            str(tmp_path),
-            "--image-size",
-            "48",
-            "64",
-            "--num-train",
-            "6",
-            "--num-val",
-            "2",
-            "--num-heldout",
-            "2",
-            "--max-count",
-            "4",
-            "--no-progress",
-            "--heldout",
-            "red circle",
-            "--format",
-            "jpg",
-        ]
-    )
+    sys_args = [
+        "--out",
+        str(tmp_path),
+        "--image-size",
+        "48",
+        "64",
+        "--num-train",
+        "6",
+        "--num-val",
+        "2",
+        "--num-heldout",
+        "2",
+        "--max-count",
+        "4",
+        "--no-progress",
+        "--heldout",
+        "red circle",
+        "--format",
+        "jpg",
+    ]
+    args = parser.parse_args(sys_args)
     assert run(args) == 0
     assert sorted(p.name for p in (tmp_path / "train").glob("*.tar")) == [
         "train-000000.tar",
@@ -210,7 +210,12 @@ def test_command_line(tmp_path):
     assert manifest["extra"]["image_size"] == [48, 64]
     first = next(iter(wds.WebDataset(str(tmp_path / "val" / "val-000000.tar"), shardshuffle=False)))
     assert "jpg" in first and json.loads(first["json"])["image"]["width"] == 64
-    # a finished set is left alone by --resume and refused without it
-    assert run(parser.parse_args([*map(str, ["--out", tmp_path, "--resume", "--no-progress"])])) == 0
+    # a finished set is left alone by --resume with the same arguments, refused without --resume,
+    # and refused with other arguments (the manifest would claim settings its samples do not have)
+    same = [a for a in sys_args if a != "--no-progress"]
+    assert run(parser.parse_args([*same, "--resume"])) == 0
     with pytest.raises(FileExistsError):
-        run(parser.parse_args(["--out", str(tmp_path), "--no-progress"]))
+        run(parser.parse_args(same))
+    other = ["--out", str(tmp_path), "--image-size", "32", "--num-train", "3", "--seed", "7", "--resume"]
+    with pytest.raises(ResumeMismatchError, match=r"image_size: \[48, 64\] -> \[32\].*num_train: 6 -> 3"):
+        run(parser.parse_args(other))
