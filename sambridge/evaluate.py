@@ -16,6 +16,7 @@ evaluated; the rest are counted as ``num_skipped``.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -226,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--grid needs --image-root")
     evaluation, gts, predictions = load_and_evaluate(args.gt, args.pred, score_threshold=args.score_threshold,
                                                      max_dets=args.max_dets, progress=True)
+    if not predictions:
+        print(f"warning: {args.pred} holds no predictions: every instance counts as missed", file=sys.stderr)
     reference = None
     if args.baseline:
         with gc_paused():

@@ -208,3 +208,12 @@ def test_cli_reports_the_duplicate_rate(duplicate_files, tmp_path, capsys):
     written = json.loads((tmp_path / "cmp.json").read_text())
     assert written["metrics"]["duplicate_rate"] == pytest.approx(1 / 4)
     assert written["baseline_metrics"]["duplicate_rate"] == 0.0
+
+
+def test_cli_warns_when_the_prediction_file_is_empty(tmp_path, hand_files, capsys):
+    gt, _ = hand_files
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert main(["--gt", str(gt), "--pred", str(empty)]) in (0, None)
+    err = capsys.readouterr().err
+    assert f"warning: {empty} holds no predictions: every instance counts as missed" in err

@@ -55,8 +55,10 @@ def _pred_error(gt: dict, preds: list, tmp_path) -> RecordError:
 PRED_BREAKS = {
     "unknown image": (lambda p: p.update(image_id=999_999), "image_id", "no image in the ground truth"),
     "rle size": (lambda p: p["segmentation"].update(size=[7, 9]), "segmentation.size", "does not match"),
-    "missing score": (lambda p: p.pop("score"), "score", "finite number"),
-    "nan score": (lambda p: p.update(score=float("nan")), "score", "finite number"),
+    "missing score": (lambda p: p.pop("score"), "score", "probability in [0, 1]"),
+    "nan score": (lambda p: p.update(score=float("nan")), "score", "probability in [0, 1]"),
+    "score above 1": (lambda p: p.update(score=7.5), "score", "probability in [0, 1]"),
+    "negative score": (lambda p: p.update(score=-0.1), "score", "probability in [0, 1]"),
     "unknown category": (lambda p: p.update(category_id=5), "category_id", "not one of"),
     "polygon": (lambda p: p.update(segmentation=[[0, 0, 5, 0, 5, 5]]), "segmentation", "compressed RLE"),
     "bad bbox": (lambda p: p.update(bbox=[1, 2, 3]), "bbox", "[x, y, w, h]"),

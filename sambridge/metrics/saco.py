@@ -267,8 +267,8 @@ def _check_prediction(pred: Any, gt: SacoGroundTruth) -> None:
         raise _Invalid(f"{pred.get('category_id')!r} is not one of the ground truth's categories "
                        f"{sorted(gt.category_ids)}", "category_id")
     score = pred.get("score")
-    if not _is_number(score) or not math.isfinite(score):
-        raise _Invalid(f"must be a finite number, got {score!r}", "score")
+    if not _is_number(score) or not 0.0 <= score <= 1.0:
+        raise _Invalid(f"must be a probability in [0, 1] (cgF1 thresholds scores), got {score!r}", "score")
     segm = pred.get("segmentation")
     if not isinstance(segm, dict) or not isinstance(segm.get("counts"), str):
         raise _Invalid("must be a compressed RLE {'size': [H, W], 'counts': str}", "segmentation")
