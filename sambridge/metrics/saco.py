@@ -26,7 +26,6 @@ import contextlib
 import gc
 import hashlib
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
