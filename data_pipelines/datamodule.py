@@ -299,6 +299,10 @@ class ShardDataModule(LightningDataModule):
         """Bad samples skipped so far per split (summed over workers)."""
         return {split: stream.errors.count for split, stream in self.streams.items()}
 
+    def skipped_by_reason(self) -> dict[str, dict[str, int]]:
+        """Bad samples and shards skipped so far per split and reason (summed over workers)."""
+        return {split: stream.errors.by_reason for split, stream in self.streams.items()}
+
     def describe(self) -> str:
         """Shards, samples and batches per epoch of every split set up."""
         return "\n".join(stream.describe() for stream in self.streams.values())

@@ -81,6 +81,24 @@ class ShardReadError(OSError):
     """A shard could not be read to its end (after its retries); the message names it."""
 
 
+SKIP_REASONS = ("sample breaks the schema", "shard unreadable", "corrupt tar", "file or image unreadable",
+                "bad value")
+"""Why a sample or shard was skipped, as counted by :class:`ErrorCounter` (one per error class)."""
+
+
+def skip_reason(error: Exception) -> str:
+    """The :data:`SKIP_REASONS` entry of a skippable error."""
+    if isinstance(error, SampleError):
+        return SKIP_REASONS[0]
+    if isinstance(error, ShardReadError):
+        return SKIP_REASONS[1]
+    if isinstance(error, tarfile.TarError):
+        return SKIP_REASONS[2]
+    if isinstance(error, OSError | EOFError):
+        return SKIP_REASONS[3]
+    return SKIP_REASONS[4]
+
+
 # ----------------------------------------------------------------------------------------------
 # sources
 # ----------------------------------------------------------------------------------------------
@@ -228,17 +246,24 @@ class ErrorCounter:
     def __init__(self, name: str, log_first: int = 5, log_every: int = 100) -> None:
         self.name, self.log_first, self.log_every = name, log_first, log_every
         self._count = _SHARED.Value("q", 0)
+        self._by_reason = {reason: _SHARED.Value("q", 0, lock=False) for reason in SKIP_REASONS}
 
     @property
     def count(self) -> int:
         """Errors so far, over all workers."""
         return self._count.value
 
+    @property
+    def by_reason(self) -> dict[str, int]:
+        """Errors so far by reason (:data:`SKIP_REASONS`), over all workers."""
+        return {reason: value.value for reason, value in self._by_reason.items()}
+
     def __call__(self, exn: Exception) -> bool:
         if not isinstance(exn, SKIPPABLE_ERRORS):
             raise exn
-        with self._count.get_lock():
+        with self._count.get_lock():  # one lock guards the total and the reasons
             self._count.value += 1
+            self._by_reason[skip_reason(exn)].value += 1
             count = self._count.value
         if count <= self.log_first or count % self.log_every == 0:
             log.warning("%s: skipped a bad sample or shard (%d so far): %s", self.name, count, exn)

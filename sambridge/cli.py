@@ -77,10 +77,13 @@ class SambridgeCLI(LightningCLI):
             check_checkpoint(requested)  # before Lightning unpickles it for its hyper-parameters
 
     def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
+        from sambridge.callbacks.data_health import DataHealth
         from sambridge.checkpointing import use_atomic_checkpoint_io
 
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer)
+        if not any(isinstance(cb, DataHealth) for cb in trainer.callbacks):
+            trainer.callbacks.append(DataHealth())
         return trainer
 
     def instantiate_classes(self) -> None:  # noqa: D102

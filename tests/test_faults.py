@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import webdataset as wds
+from run_helpers import fit_args, make_shards, one_thread  # noqa: F401  (fixture)
+from test_pipeline import corrupt_json
 
 from sambridge import cli
 
@@ -70,3 +74,21 @@ def test_the_user_error_is_found_behind_the_wrapping_exceptions():
     except ValueError as outer:
         assert str(cli.user_error(outer)) == "SAM2 checkpoint not found: x.pt"
     assert cli.user_error(RuntimeError("bug")) is None
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_skipped_training_samples_are_logged_per_epoch_and_summed_up_at_the_end(tmp_path, caplog):
+    shards = make_shards(tmp_path / "shards")
+    first = sorted((shards / "train").glob("*.tar"))[0]
+    key = next(iter(wds.WebDataset(str(first), shardshuffle=False)))["__key__"]
+    corrupt_json(first, key)
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        cli.main(fit_args(shards, out, "--trainer.max_steps", "8", "--trainer.limit_val_batches", "1",
+                          workers=0))
+    rows = list(csv.DictReader(open(next(out.rglob("metrics.csv")))))
+    skipped = [float(r["data/skipped_train"]) for r in rows if r.get("data/skipped_train")]
+    assert skipped and skipped[0] >= 1  # the exact epoch re-reads its shards to fill the gap: >= 1
+    assert any(r.get("data/skipped_train/sample_breaks_the_schema") for r in rows)
+    assert "data health (rank 0): skipped samples/shards: train " in caplog.text
+    assert "sample breaks the schema" in caplog.text
