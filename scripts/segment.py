@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipelines.schema import encode_mask
+from data_pipelines.convert.common import RGB_CONVERTIBLE_MODES
+from data_pipelines.schema import encode_mask, normalize_phrase
 from data_pipelines.tiling import TilingConfig
 from sambridge.inference import Segmenter, load_model
 from sambridge.visualize import Detection, draw_detections
@@ -47,12 +48,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    phrases = list(dict.fromkeys(args.text))
+    phrases = list(dict.fromkeys(normalize_phrase(t) for t in args.text))
+    if "" in phrases:
+        print(f"error: --text must be a noun phrase, got {[t for t in args.text if not t.strip()]}", file=sys.stderr)
+        return 2
     image_path = Path(args.image)
     if not image_path.is_file():
         print(f"error: image not found: {image_path}", file=sys.stderr)
         return 2
-    image = np.asarray(Image.open(image_path).convert("RGB"))
+    try:
+        with Image.open(image_path) as opened:
+            if opened.mode not in RGB_CONVERTIBLE_MODES:
+                print(f"error: {image_path} has PIL mode {opened.mode} (16-bit or float); convert it to 8-bit "
+                      "RGB first: the choice of range is yours to make", file=sys.stderr)
+                return 2
+            image = np.asarray(opened.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises
+        print(f"error: {image_path} is not a readable image: {err}", file=sys.stderr)
+        return 2
     segmenter = Segmenter(load_model(args.checkpoint), score_threshold=args.threshold, top_k=args.top_k,
                           refine={"auto": None, "sam2": True, "head": False}[args.masks], nms_iou=args.nms_iou,
                           device=args.device)

@@ -135,6 +135,18 @@ def test_segment_script_runs_on_an_exported_student(distill_run, tmp_path, capsy
     assert all(r["segmentation"]["size"] == [80, 120] for r in records)
     assert "'star': 2 instance(s)" in capsys.readouterr().out
 
+    # bad input: one line naming it and exit code 2, before any model work
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("not an image")
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(deep)
+    for changed, message in ((["--text", "  "], "--text must be a noun phrase"),
+                             (["--image", str(text_file)], "notes.png is not a readable image"),
+                             (["--image", str(deep)], "deep.png has PIL mode I;16")):
+        assert segment.main([*args, *changed]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
 
 def test_torch_save_student_file_is_plain_tensors_and_strings(distill_run, tmp_path):
     out = export_student(distill_run[1], tmp_path / "student.pt")

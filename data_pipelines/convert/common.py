@@ -25,7 +25,8 @@ from data_pipelines.schema import Instance, Sample, checked_rle, image_format_of
 from data_pipelines.writer import Skip, sink_from_args
 
 # PIL modes that convert to RGB without losing meaning (16-bit or float images need a decision)
-_RGB_CONVERTIBLE_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
+RGB_CONVERTIBLE_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
+"""PIL modes that convert to 8-bit RGB without a choice to make (not 16-bit or float images)."""
 
 
 class InputError(ValueError):
@@ -102,7 +103,7 @@ def read_image(path: Path) -> tuple[bytes, str, int, int]:
             try:
                 return data, image_format_of(data), width, height
             except ValueError:
-                if img.mode not in _RGB_CONVERTIBLE_MODES:
+                if img.mode not in RGB_CONVERTIBLE_MODES:
                     raise SkipItem("unsupported image mode",
                                    f"{path} has PIL mode {img.mode}; convert it to 8-bit RGB first") from None
                 buf = io.BytesIO()
