@@ -195,9 +195,6 @@ class ShardDataModule(LightningDataModule):
                              retries=self.shard_retries)
         if train and self._resume is not None:
             stream.resume_at(*self._resume)
-        if not train and len(shards.urls) < world_size:
-            rank_zero_warn(f"{split}: {len(shards.urls)} shard(s) for {world_size} ranks: some ranks get no "
-                           f"{split} data; write at least one shard per rank")
         return stream
 
     def _concepts(self, manifest_phrases: tuple[str, ...]) -> Vocabulary | None:

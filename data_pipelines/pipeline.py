@@ -405,6 +405,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.retries, self.retry_delay = retries, retry_delay
         self.dropped_per_epoch = 0
         self.slots: list[list[int]] = []
+        self.sample_sliced = False  # "once" with fewer shards than slots: every slot reads every shard
         self.worker_budgets = self._plan(num_samples)
         self.resume: tuple[int, int] | None = None
 
@@ -455,6 +456,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                 f"rank and DataLoader worker ({self.world_size} rank(s) x {self.workers_per_rank} "
                 "worker(s)): "
                 "use resampled=True, fewer workers, or write more, smaller shards (--max-count)")
+        if self.mode == "once" and len(self.shards.urls) < num_slots:
+            # too few shards to give each (rank, worker) one: slot k keeps every num_slots-th sample
+            # from k of all shards read in order, so no rank is left without evaluation data
+            self.sample_sliced = True
+            self.slots = [list(range(len(self.shards.urls)))] * num_slots
+            if self.sizes is None:
+                return None
+            total = sum(self.sizes)
+            return [math.ceil(len(range(k, total, num_slots)) / self.batch_size) for k in range(num_slots)]
         self.slots = assign_shards(self.sizes or [1] * len(self.shards.urls), num_slots)
         if self.sizes is None:
             return None
@@ -490,6 +500,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                      "count")
         if self.mode == "once":
             line += "; each sample once across ranks"
+        if self.sample_sliced:
+            line += " (fewer shards than ranks x workers: each reads every shard, keeping its share)"
         return line
 
     # ------------------------------------------------------------------ iteration
@@ -513,7 +525,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if skip:
             log.info("%s: rank %d worker %d skips %d batch(es) to resume epoch %d", self.name, self.rank,
                      worker, skip, epoch)
-        return itertools.islice(self._batches(urls, budget, epoch, role), skip, None)
+        keep = (slot, self.world_size * self.workers_per_rank) if self.sample_sliced else None
+        return itertools.islice(self._batches(urls, budget, epoch, role, keep), skip, None)
 
     def _role(self, epoch: int, worker: int) -> tuple[int, int]:
         """The worker whose stream this worker produces, and how many of its batches to drop (resuming)."""
@@ -532,15 +545,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         return draw
 
     def _batches(self, urls: Callable[[int], list[str]], budget: int | None, epoch: int,
-                 worker: int) -> Iterator[Any]:
-        """Read the worker's shards in passes until it yielded its budget (one pass without a budget)."""
+                 worker: int, keep: tuple[int, int] | None = None) -> Iterator[Any]:
+        """Read the worker's shards in passes until it yielded its budget (one pass without a budget);
+        ``keep=(k, n)`` keeps every n-th sample from the k-th."""
         produced, empty_passes = 0, 0
         for pass_index in itertools.count():
             if budget is not None and produced >= budget:
                 return
             pass_urls = urls(pass_index)
             count = 0
-            for batch in self._pass(pass_urls, [self.seed, epoch, self.rank, worker, pass_index]):
+            for batch in self._pass(pass_urls, [self.seed, epoch, self.rank, worker, pass_index], keep):
                 yield batch
                 produced, count = produced + 1, count + 1
                 if budget is not None and produced >= budget:
@@ -556,9 +570,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 log.warning("%s: rank %d worker %d re-reads its shards for %d more batch(es) (bad samples "
                             "skipped)", self.name, self.rank, worker, budget - produced)
 
-    def _samples(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
-        for url in urls:
-            yield from self._shard_samples(url)
+    def _samples(self, urls: Iterable[str], keep: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
+        samples = (sample for url in urls for sample in self._shard_samples(url))
+        return samples if keep is None else itertools.islice(samples, keep[0], None, keep[1])
 
     def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
         """The raw samples of one shard; a remote shard failing midway is re-read after what it gave."""
@@ -582,8 +596,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                                            "read, the rest of the shard skipped"))
                 return
 
-    def _pass(self, urls: Iterable[str], seeds: list[int]) -> Iterator[Any]:
-        stages: list[Any] = [partial(self._samples, list(urls))]
+    def _pass(self, urls: Iterable[str], seeds: list[int], keep: tuple[int, int] | None = None) -> Iterator[Any]:
+        stages: list[Any] = [partial(self._samples, list(urls), keep=keep)]
         if self.shuffle_buffer > 1:
             shuffle_rng = random.Random(int(np.random.default_rng([*seeds, 1]).integers(1 << 62)))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),

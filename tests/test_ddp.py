@@ -13,6 +13,7 @@ from run_helpers import REPO, checkpoint_at, fit_args, make_shards, run_cli
 from data_pipelines.collate import QueryPolicy
 from data_pipelines.pipeline import resolve_shards
 from data_pipelines.schema import sample_from_wds
+from data_pipelines.synthetic import generate_synthetic
 from sambridge.callbacks.sample_log import read_sample_log
 
 MAX_QUERIES = 6  # the demo config's max_queries_per_image
@@ -41,8 +42,13 @@ def logged(root: Path, column: str) -> list[float]:
 
 @pytest.mark.timeout(300)
 def test_two_rank_ddp_fit_reads_disjoint_data_and_counts_each_val_query_once(shards, tmp_path):
-    # 16 images over 2 ranks x 1 worker, batch 2: 4 steps are one epoch, each rank reading 8 images
-    run_cli(fit_args(shards, tmp_path, "--config", str(REPO / "configs/trainer/ddp.yaml"),
+    # 16 images over 2 ranks x 1 worker, batch 2: 4 steps are one epoch, each rank reading 8 images;
+    # validation is one shard, so rank 1 has none (as with the demo's data): it evaluates nothing
+    one_val_shard = tmp_path / "one-val-shard"
+    generate_synthetic(one_val_shard, image_size=64, num_train=2, num_val=8, num_heldout=0, max_count=8)
+    assert len(list((one_val_shard / "val").glob("*.tar"))) == 1
+    run_cli(fit_args(shards, tmp_path, "--data.init_args.val", str(one_val_shard / "val"),
+                     "--config", str(REPO / "configs/trainer/ddp.yaml"),
                      "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                      "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
                      "--trainer.callbacks+=sambridge.callbacks.sample_log.SampleLog",
@@ -55,7 +61,7 @@ def test_two_rank_ddp_fit_reads_disjoint_data_and_counts_each_val_query_once(sha
     assert not set(seen[0]) & set(seen[1])  # disjoint shards per rank
     assert sorted(seen[0] + seen[1]) == [f"synthetic-train-{i:07d}" for i in range(16)]  # each image once
 
-    expected = exhaustive_val_queries(shards / "val")
+    expected = exhaustive_val_queries(one_val_shard / "val")
     assert expected > 8
     assert logged(tmp_path, "val_num_queries") == [expected]  # reduced over ranks once, not twice or halved
 

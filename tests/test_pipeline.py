@@ -111,6 +111,20 @@ def test_two_ranks_split_validation_disjointly_and_completely(tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("sizes", [[9], [5, 4]])
+def test_fewer_evaluation_shards_than_ranks_and_workers_still_feed_every_one(tmp_path, sizes):
+    """One validation shard for 2 ranks x 2 workers: each slot keeps every 4th sample of all shards."""
+    write_shards(tmp_path, sizes)
+    ranks = [stream(tmp_path, mode="once", num_workers=2, rank=r, world_size=2, batch_size=2) for r in range(2)]
+    epochs = [run_epoch(r) for r in ranks]
+    keys = [[k for b in e for k in b] for e in epochs]
+    assert all(keys) and not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == all_keys(sizes)  # each sample once across ranks
+    assert [len(e) for e in epochs] == [len(r) for r in ranks]
+    assert "each reads every shard" in ranks[0].describe()
+
+
+@pytest.mark.timeout(60)
 def test_rank_and_world_from_environment(tmp_path, monkeypatch):
     write_shards(tmp_path, [4, 4])
     monkeypatch.setenv("RANK", "1")
