@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -169,12 +170,15 @@ def test_the_cli_trainer_writes_checkpoints_atomically(tmp_path):
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
 
 
-def test_an_explicit_broken_ckpt_path_is_refused_before_loading(tmp_path):
+def test_an_explicit_broken_ckpt_path_is_refused_before_loading(tmp_path, capsys):
     from sambridge.cli import main
 
     repo = Path(__file__).resolve().parents[1]
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"PK\x03\x04 half a zip")
-    with pytest.raises(CheckpointError, match=r"broken\.ckpt is truncated or corrupt"):
+    with pytest.raises(SystemExit) as stopped:
         main(["fit", "--config", str(repo / "configs/demo/grounding_tiny.yaml"), "--trainer.logger", "false",
               "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(broken)])
+    assert stopped.value.code == 2
+    assert re.search(r"^error: checkpoint .*broken\.ckpt is truncated or corrupt",
+                     capsys.readouterr().err.strip().splitlines()[-1])
