@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 SCHEMA_VERSION = 1
@@ -209,7 +209,11 @@ def encode_image(array: np.ndarray, image_format: str = "png", quality: int = 95
 def checked_image_size(data: bytes) -> tuple[int, int]:
     """(width, height) of an image whose every pixel decodes (a truncated body fails, not only a bad
     header); raises what Pillow raises for bytes that do not decode."""
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names the BytesIO object, not the data
+        raise OSError(f"not an image PIL can identify (first bytes {data[:8]!r})") from None
+    with img:
         img.load()
         return img.size
 

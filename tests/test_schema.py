@@ -95,6 +95,8 @@ def test_an_image_with_a_truncated_body_does_not_pass_as_readable(fmt: str) -> N
     data = encode_image(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), fmt)
     with pytest.raises(OSError):  # the header alone still reads fine
         checked_image_size(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"not an image PIL can identify \(first bytes b'garbage'\)"):
+        checked_image_size(b"garbage")  # named by its bytes, not as <_io.BytesIO object at 0x...>
 
 
 def _meta() -> dict:
