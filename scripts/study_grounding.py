@@ -77,13 +77,15 @@ def main() -> None:
         return {name: {k: round(float(v), 3) for k, v in m.compute().items() if k in keys}
                 for name, m in scores.items()}
 
-    start, step, running = time.time(), 0, {}
+    start, step, running, epoch = time.time(), 0, {}, 0
     batches = iter(data.train_dataloader())
     model.train()
     while step < args.steps:
         try:
             batch = next(batches)
-        except StopIteration:
+        except StopIteration:  # a new epoch: new shard order and augmentation draws, as under Lightning
+            epoch += 1
+            data.set_epoch(epoch)
             batches = iter(data.train_dataloader())
             batch = next(batches)
         with torch.jit.optimized_execution(False):
