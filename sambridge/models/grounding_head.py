@@ -350,10 +350,14 @@ def load_sam3_head(detector: nn.Module, path: str | os.PathLike) -> None:
             f"entries (first keys: {sorted(blob)[:5]})"
         )
     view = _HeadView(detector)
-    for key, value in view.state_dict().items():  # not in SAM3's head: keep their initialisation
-        if key.startswith(QUERY_SELECTION_PREFIX):
-            head.setdefault(key, value)
-    load_state_dict_strict(view, head, f"SAM3 checkpoint {path} (head keys)")
+    load_state_dict_strict(view, with_own_query_selection(head, view.state_dict()),
+                           f"SAM3 checkpoint {path} (head keys)")
+
+
+def with_own_query_selection(sam3_head: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``sam3_head`` plus ``own``'s query-selection entries, which SAM3's head does not have (they
+    keep their initialisation)."""
+    return {**{k: v for k, v in own.items() if k.startswith(QUERY_SELECTION_PREFIX)}, **sam3_head}
 
 
 class _HeadView(nn.Module):

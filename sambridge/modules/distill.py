@@ -305,13 +305,10 @@ def init_head_from(student: nn.Module, teacher: nn.Module, source: str) -> None:
         CheckpointError: naming the missing/unexpected keys and shape mismatches when the heads differ.
     """
     from sambridge.models.checkpoint_io import check_state_dict
-    from sambridge.models.grounding_head import QUERY_SELECTION_PREFIX, head_state_dict
+    from sambridge.models.grounding_head import head_state_dict, with_own_query_selection
 
-    teacher_head = head_state_dict(teacher.detector)
     student_head = head_state_dict(student.detector)
-    for key, value in student_head.items():
-        if key.startswith(QUERY_SELECTION_PREFIX):
-            teacher_head.setdefault(key, value)
+    teacher_head = with_own_query_selection(head_state_dict(teacher.detector), student_head)
     check_state_dict(
         student_head,
         teacher_head,
