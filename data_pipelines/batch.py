@@ -30,6 +30,8 @@ class GroundingBatch:
         masks: (N, H, W) bool on the canvas.
         instance_query: (N,) long, the query each instance belongs to.
         image_ids: B original image ids (from the sample json), for exporting results.
+        image_files: B source image file names (``{key}.{format}`` for generated samples), for
+            exporting results; empty when the batch was built by hand.
         teacher: optional cached teacher targets per query (offline distillation), each a tensor
             whose first dimension is Q.
         max_instances: ``num_instances.max()`` as a Python int (the collate function sets it), so that
@@ -48,6 +50,7 @@ class GroundingBatch:
     masks: Tensor
     instance_query: Tensor
     image_ids: list = field(default_factory=list)
+    image_files: list[str] = field(default_factory=list)
     teacher: dict[str, Tensor] | None = None
     max_instances: int | None = None
 

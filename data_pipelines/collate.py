@@ -139,6 +139,7 @@ class PreparedSample:
     Attributes:
         key: the sample key.
         image_id: the image id from the sample json.
+        image_file: the source image's file name (``{key}.{format}`` for generated samples).
         image: (3, S, S) float32 in [0, 1] on the canvas.
         valid_hw: content extent on the canvas.
         orig_hw: the original image size.
@@ -152,6 +153,7 @@ class PreparedSample:
 
     key: str
     image_id: Any
+    image_file: str
     image: Tensor
     valid_hw: tuple[int, int]
     orig_hw: tuple[int, int]
@@ -206,7 +208,8 @@ class SampleTransform:
         teacher = None
         if sample.teacher is not None:
             teacher = _teacher_rows(sample.teacher, len(sample.queries), [chosen[i][0] for i in final], where)
-        return PreparedSample(key=sample.key, image_id=sample.image_id, image=canvas_image,
+        return PreparedSample(key=sample.key, image_id=sample.image_id, image_file=sample.image_file,
+                              image=canvas_image,
                               valid_hw=geometry.valid_hw, orig_hw=(height, width),
                               phrases=[chosen[i][1].phrase for i in final],
                               exhaustive=[chosen[i][1].exhaustive for i in final], num_instances=counts,
@@ -293,6 +296,7 @@ def collate_samples(samples: Sequence[PreparedSample]) -> GroundingBatch:
         masks=torch.cat([s.masks for s in samples]),
         instance_query=torch.repeat_interleave(torch.arange(len(num_instances)), num_instances),
         image_ids=[s.image_id for s in samples],
+        image_files=[s.image_file for s in samples],
         teacher=_collate_teacher(samples),
         max_instances=int(num_instances.max()) if len(num_instances) else 0,
     )

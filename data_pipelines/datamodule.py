@@ -14,6 +14,7 @@ In a LightningCLI config::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -29,6 +30,7 @@ from data_pipelines.augment import AugmentConfig
 from data_pipelines.collate import QueryPolicy, SampleTransform, collate_samples
 from data_pipelines.pipeline import (
     ErrorCounter,
+    ShardSet,
     ShardStream,
     SharedEpoch,
     StreamMode,
@@ -37,7 +39,8 @@ from data_pipelines.pipeline import (
     shutdown_workers,
 )
 from data_pipelines.tiling import CropConfig
-from data_pipelines.vocab import Vocabulary, load_vocabulary
+from data_pipelines.verify import ShardVerification, verify_shards
+from data_pipelines.vocab import Vocabulary, VocabularyError, load_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,10 @@ class ShardDataModule(LightningDataModule):
         shard_retries: times a remote shard (``pipe:``, ``http(s)://``) that fails while being
             read is read again, continuing after the samples it already gave; then it is counted
             as a bad shard and skipped.
+        verify_shards: at ``setup``, once per split, read every local shard to check its sha256
+            against its manifest.json and that no sample key repeats in the split (and warn when
+            train and val share keys); a problem stops set-up with one line per shard or key
+            (``data_pipelines.verify``). Costs one read of every byte; remote shards are not read.
     """
 
     def __init__(self, train: str | list[str] | None = None, val: str | list[str] | None = None,
@@ -127,7 +134,8 @@ class ShardDataModule(LightningDataModule):
                  max_queries_per_image: int = 16, negatives_per_image: int = 2, hard_negatives_per_image: int = 1,
                  vocabulary: str | list[str] | None = None, hflip_prob: float = 0.5,
                  scale_range: tuple[float, float] = (0.75, 1.25), color_jitter: float = 0.2,
-                 min_instance_area: int = 16, train_crop: CropConfig | None = None, shard_retries: int = 2) -> None:
+                 min_instance_area: int = 16, train_crop: CropConfig | None = None, shard_retries: int = 2,
+                 verify_shards: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         if train_weights is not None and not resampled:
@@ -149,6 +157,9 @@ class ShardDataModule(LightningDataModule):
                                      scale_range=tuple(scale_range), color_jitter=color_jitter,
                                      min_instance_area=min_instance_area)
         self.shard_retries = shard_retries
+        self.verify_shards = verify_shards
+        self.verified: dict[Split, ShardVerification] = {}  # what setup verified, per split
+        self._keys: dict[Split, frozenset[str]] = {}  # train/val sample keys, until compared for leakage
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches consumed) from a checkpoint
         self.streams: dict[Split, ShardStream] = {}
@@ -166,8 +177,28 @@ class ShardDataModule(LightningDataModule):
         for split in splits:
             if self.sources[split] is not None and split not in self.streams:
                 self.streams[split] = self._build_stream(split, rank, world_size)
+            if self.verify_shards and split in self.streams and split not in self.verified:
+                self._verify(split, self.streams[split].shards, progress=rank == 0)
         if self.streams:
             rank_zero_info(self.describe())
+
+    def _verify(self, split: Split, shards: ShardSet, progress: bool) -> None:
+        """Verify a split's shards (every rank reads its own); warn when train and val share sample keys."""
+        found = verify_shards(shards, name=split, progress=progress)
+        rank_zero_info(found.describe())
+        self.verified[split] = dataclasses.replace(found, keys=frozenset())
+        other: Split | None = {"train": "val", "val": "train"}.get(split)
+        if other is None or self.sources[other] is None:
+            return
+        if other not in self._keys:
+            self._keys[split] = found.keys  # kept until the other split is verified
+            return
+        train, val = (found.keys, self._keys.pop(other)) if split == "train" else (self._keys.pop(other), found.keys)
+        shared = train & val
+        if shared:
+            examples = ", ".join(repr(key) for key in sorted(shared)[:3])
+            rank_zero_warn(f"train and val share {len(shared)} sample key(s), e.g. {examples}: validation then "
+                           "measures samples the model trains on (leakage)")
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -181,7 +212,7 @@ class ShardDataModule(LightningDataModule):
         mode: StreamMode = ("resampled" if self.resampled else "exact") if train else "once"
         policy = QueryPolicy(max_queries=self.max_queries_per_image)
         if train and self.negatives_per_image:
-            concepts = self._concepts(shards.phrases)
+            concepts = self._concepts(shards)
             policy = QueryPolicy(max_queries=self.max_queries_per_image, negatives_per_image=self.negatives_per_image,
                                  vocabulary=tuple(concepts.phrases) if concepts else shards.phrases,
                                  concepts=concepts, hard_negatives_per_image=self.hard_negatives_per_image)
@@ -197,21 +228,24 @@ class ShardDataModule(LightningDataModule):
             stream.resume_at(*self._resume)
         return stream
 
-    def _concepts(self, manifest_phrases: tuple[str, ...]) -> Vocabulary | None:
-        """The vocabulary files' concepts (None: negatives come from the manifests' phrases)."""
+    def _concepts(self, shards: ShardSet) -> Vocabulary | None:
+        """The vocabulary files' concepts (None: negatives come from the training manifests' phrases)."""
         if self.vocabulary_files:
             for path in map(Path, self.vocabulary_files):
                 if not path.is_file():
                     raise FileNotFoundError(f"vocabulary file {path} not found")
             concepts = load_vocabulary(self.vocabulary_files)
             if not len(concepts):
-                raise ValueError(f"negatives_per_image={self.negatives_per_image} needs phrases to draw from: "
-                                 f"the vocabulary file(s) {', '.join(self.vocabulary_files)} hold none")
+                raise VocabularyError(f"negatives_per_image={self.negatives_per_image} needs phrases to draw "
+                                      f"from: the vocabulary file(s) {', '.join(self.vocabulary_files)} hold none")
             return concepts
-        if not manifest_phrases:
-            raise ValueError(f"negatives_per_image={self.negatives_per_image} needs phrases to draw from: "
-                             "the training sources have no manifest.json phrases; "
-                             "give vocabulary=FILE or set negatives_per_image=0")
+        if not shards.phrases:
+            fix = "give data.init_args.vocabulary FILE or set negatives_per_image 0"
+            draw = f"phrases to draw negatives_per_image={self.negatives_per_image} from"
+            if shards.without_manifest:  # manifest.json lists the phrases; sizes.json does not
+                raise VocabularyError(f"{', '.join(shards.without_manifest)}: no manifest.json beside the shards, "
+                                      f"so there are no {draw}: {fix}")
+            raise VocabularyError(f"{', '.join(shards.sources)}: manifest.json lists no {draw}: {fix}")
         return None
 
     # ------------------------------------------------------------------ loaders

@@ -27,6 +27,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
+from data_pipelines.atomic import atomic_write
 from data_pipelines.schema import Sample, SampleError, decode_rle, sample_from_wds
 from data_pipelines.writer import MANIFEST, SIZES, sha256_of
 
@@ -307,12 +308,7 @@ def render_grid(samples: list[Sample], out_path: str | os.PathLike, *, columns: 
             ax.text(0, 1.0, text[:90] + ("..." if len(text) > 90 else ""), transform=ax.transAxes, fontsize=5,
                     va="top", bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "linewidth": 0})
     fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out_path)
-    return out_path
+    return atomic_write(out_path, lambda file: fig.savefig(file, format="png"))
 
 
 def _palette() -> np.ndarray:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from data_pipelines.atomic import atomic_write
 from data_pipelines.convert.common import instance_from_crop
 from data_pipelines.schema import Query, Sample, encode_image
 
@@ -336,10 +336,7 @@ def write_images(out_dir: str | os.PathLike, config: OrchardConfig, num: int, se
                               "pass --overwrite to replace them")
     out.mkdir(parents=True, exist_ok=True)
     for index, path in enumerate(tqdm(paths, desc="orchard images", disable=not progress)):
-        data = encode_image(orchard_image(config, index, seed), config.image_format)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=f".{path.name}.", delete=False) as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, path)
+        atomic_write(path, encode_image(orchard_image(config, index, seed), config.image_format))
     return paths
 
 

@@ -112,6 +112,9 @@ class ShardSet:
         weights: relative sampling weight per shard (used when resampling).
         phrases: the phrases of the sources' manifest histograms (empty without manifests).
         sources: the source specs, for messages.
+        checksums: the sha256 manifest.json records per shard (None for a shard it does not
+            list, or all None when not known: sizes.json, remote shards).
+        without_manifest: the sources that have no manifest.json (beside their shards).
     """
 
     urls: tuple[str, ...]
@@ -119,13 +122,20 @@ class ShardSet:
     weights: tuple[float, ...]
     phrases: tuple[str, ...]
     sources: tuple[str, ...]
+    checksums: tuple[str | None, ...] | None = None
+    without_manifest: tuple[str, ...] = ()
+
+    def checksum(self, index: int) -> str | None:
+        """The recorded sha256 of shard ``index``, if any."""
+        return None if self.checksums is None else self.checksums[index]
 
     @property
     def num_samples(self) -> int | None:
         return None if self.sizes is None else sum(self.sizes)
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
+    """Whether a shard source is streamed (``pipe:`` command or a ``scheme://`` URL), not a local file."""
     return url.startswith("pipe:") or "://" in url
 
 
@@ -136,38 +146,54 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"cannot read {path}: {err}") from err
 
 
-def _resolve_directory(path: Path) -> tuple[list[str], list[int] | None, list[str]]:
+@dataclass(frozen=True)
+class _Source:
+    """What one source spec resolves to (see :func:`resolve_shards`)."""
+
+    urls: list[str]
+    sizes: list[int] | None
+    phrases: list[str]
+    checksums: list[str | None]
+    has_manifest: bool
+
+
+def _resolve_directory(path: Path) -> _Source:
     if (path / MANIFEST).exists():
         manifest = _read_json(path / MANIFEST)
         shards = manifest.get("shards", [])
-        return ([str(path / s["name"]) for s in shards], [int(s["samples"]) for s in shards],
-                sorted(manifest.get("phrases", {})))
+        return _Source([str(path / s["name"]) for s in shards], [int(s["samples"]) for s in shards],
+                       sorted(manifest.get("phrases", {})), [s.get("sha256") for s in shards], True)
     if (path / SIZES).exists():
         sizes = _read_json(path / SIZES)
         names = sorted(sizes)
-        return [str(path / n) for n in names], [int(sizes[n]) for n in names], []
+        return _Source([str(path / n) for n in names], [int(sizes[n]) for n in names], [], [None] * len(names),
+                       False)
     raise FileNotFoundError(f"{path} has neither {MANIFEST} nor {SIZES}: is it a finished shard directory? "
                             "(or give a brace pattern such as DIR/shard-{000000..000009}.tar)")
 
 
-def _resolve_pattern(spec: str) -> tuple[list[str], list[int] | None, list[str]]:
+def _resolve_pattern(spec: str) -> _Source:
     urls = wds.shardlists.expand_urls(spec)
     if not urls:
         raise ValueError(f"shard pattern {spec!r} expands to no shards")
-    if any(_is_remote(u) for u in urls):
-        return urls, None, []  # sizes come from num_samples
+    if any(is_remote(u) for u in urls):
+        return _Source(urls, None, [], [None] * len(urls), False)  # sizes come from num_samples
     missing = [u for u in urls if not Path(u).exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[:3]}")
     folder = Path(urls[0]).parent
-    sizes, phrases = None, []
+    sizes, phrases, checksums = None, [], [None] * len(urls)
     if (folder / SIZES).exists():
         table = _read_json(folder / SIZES)
         if all(Path(u).name in table for u in urls):
             sizes = [int(table[Path(u).name]) for u in urls]
-    if (folder / MANIFEST).exists():
-        phrases = sorted(_read_json(folder / MANIFEST).get("phrases", {}))
-    return urls, sizes, phrases
+    has_manifest = (folder / MANIFEST).exists()
+    if has_manifest:
+        manifest = _read_json(folder / MANIFEST)
+        phrases = sorted(manifest.get("phrases", {}))
+        recorded = {s.get("name"): s.get("sha256") for s in manifest.get("shards", [])}
+        checksums = [recorded.get(Path(u).name) if Path(u).parent == folder else None for u in urls]
+    return _Source(urls, sizes, phrases, checksums, has_manifest)
 
 
 def _shard_weights(source_weight: float | None, sizes: list[int] | None, count: int) -> list[float]:
@@ -182,9 +208,10 @@ def resolve_shards(sources: str | Sequence[str], weights: Sequence[float] | None
     """Resolve shard sources into one :class:`ShardSet`.
 
     Args:
-        sources: each a shard directory (its manifest.json or sizes.json lists the shards and
-            their sizes), a brace pattern ``DIR/train-{000000..000031}.tar`` (sizes from a
-            sizes.json next to the shards, if any), or a ``pipe:``/``http(s)://`` URL pattern.
+        sources: each a shard directory (its manifest.json lists the shards with their sizes and
+            sha256, or a sizes.json with their sizes), a brace pattern
+            ``DIR/train-{000000..000031}.tar`` (sizes from a sizes.json next to the shards, sha256
+            and phrases from a manifest.json, if any), or a ``pipe:``/``http(s)://`` URL pattern.
         weights: one sampling weight per source (resampling only): a source is drawn in
             proportion to its weight, whatever its size.
     """
@@ -198,19 +225,24 @@ def resolve_shards(sources: str | Sequence[str], weights: Sequence[float] | None
     sizes: list[int] | None = []
     shard_weights: list[float] = []
     phrases: set[str] = set()
+    checksums: list[str | None] = []
+    without_manifest: list[str] = []
     for i, spec in enumerate(specs):
         path = Path(spec)
-        found = _resolve_directory(path) if not _is_remote(spec) and path.is_dir() else _resolve_pattern(spec)
-        src_urls, src_sizes, src_phrases = found
-        if not src_urls:
+        found = _resolve_directory(path) if not is_remote(spec) and path.is_dir() else _resolve_pattern(spec)
+        if not found.urls:
             raise ValueError(f"source {spec!r} holds no shards")
         weight = None if weights is None else float(weights[i])
-        shard_weights += _shard_weights(weight, src_sizes, len(src_urls))
-        urls += src_urls
-        sizes = None if sizes is None or src_sizes is None else sizes + src_sizes
-        phrases.update(src_phrases)
+        shard_weights += _shard_weights(weight, found.sizes, len(found.urls))
+        urls += found.urls
+        sizes = None if sizes is None or found.sizes is None else sizes + found.sizes
+        phrases.update(found.phrases)
+        checksums += found.checksums
+        if not found.has_manifest:
+            without_manifest.append(spec)
     return ShardSet(urls=tuple(urls), sizes=None if sizes is None else tuple(sizes),
-                    weights=tuple(shard_weights), phrases=tuple(sorted(phrases)), sources=tuple(specs))
+                    weights=tuple(shard_weights), phrases=tuple(sorted(phrases)), sources=tuple(specs),
+                    checksums=tuple(checksums), without_manifest=tuple(without_manifest))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,7 +617,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                         yield sample
                 return
             except SKIPPABLE_ERRORS as exn:
-                if attempt < self.retries and _is_remote(url):
+                if attempt < self.retries and is_remote(url):
                     log.warning("%s: shard %s failed after %d sample(s) (%s); reading it again "
                                 "(retry %d of %d)", self.name, url, delivered, _brief(exn), attempt + 1,
                                 self.retries)

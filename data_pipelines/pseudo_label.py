@@ -60,6 +60,7 @@ import webdataset as wds
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
+from data_pipelines.atomic import write_json_atomic
 from data_pipelines.augment import AugmentConfig, Geometry, sample_geometry, warp_image
 from data_pipelines.convert.common import Converter, InputError, read_image, sample_key
 from data_pipelines.convert.mask_folder import IMAGE_SUFFIXES
@@ -78,7 +79,6 @@ from data_pipelines.writer import (
     add_sink_arguments,
     sha256_of,
     sink_from_args,
-    write_json_atomic,
 )
 from sambridge.losses.distill import pooled_query_features
 from sambridge.models import CheckpointError, SAM3Teacher, load_teacher
@@ -129,7 +129,7 @@ class ImageFolderSource(Converter):
         data, image_format, width, height = read_image(self.files[index])
         return Sample(key=self.key(index), image=data, image_format=image_format, width=width, height=height,
                       queries=[], image_id=self._relative(index), source=self.source,
-                      origin=str(self.files[index]))
+                      file_name=self.files[index].relative_to(self.root).as_posix(), origin=str(self.files[index]))
 
 
 class ShardSource:
@@ -370,7 +370,8 @@ class PseudoLabeler:
         rows = {name: torch.stack([d.targets[name] for d in detections]) for name in detections[0].targets}
         return Sample(key=sample.key, image=sample.image, image_format=sample.image_format,
                       width=sample.width, height=sample.height, queries=queries, image_id=sample.image_id,
-                      source=sample.source, teacher=encode_teacher_file(rows), origin=sample.origin,
+                      source=sample.source, teacher=encode_teacher_file(rows), file_name=sample.file_name,
+                      origin=sample.origin,
                       dropped=dict(dropped))
 
 
@@ -463,7 +464,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any], resume: bool) -> No
             raise InputError(f"{out_dir} was labelled with other settings ({', '.join(changed)} differ; see "
                              f"{path}): resume with the same ones or start over with --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, settings)
+    write_json_atomic(path, settings, indent=1)
 
 
 def run(args: argparse.Namespace) -> int:

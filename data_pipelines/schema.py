@@ -5,7 +5,8 @@ One WebDataset sample is one image with K noun-phrase queries::
     __key__  unique, stable id (source + image id)
     jpg|png|webp  the image bytes, unmodified where possible
     json     {"schema": 1,
-              "image": {"id": ..., "width": W, "height": H, "source": "coco:val2017"},
+              "image": {"id": ..., "width": W, "height": H, "source": "coco:val2017",
+                        "file_name": "train2017/000000000139.jpg"},
               "queries": [{"phrase": "red apple", "exhaustive": true,
                            "instances": [{"rle": {"size": [H, W], "counts": "..."},
                                           "bbox": [x, y, w, h]}]},
@@ -102,14 +103,21 @@ class Sample:
     image_id: str | int | None = None
     source: str = ""
     teacher: bytes | None = None
+    file_name: str | None = None  # the source image's path under the converter's image folder
     origin: str | None = None  # the file it came from, named in error messages (not written)
     dropped: dict[str, int] = field(default_factory=dict)  # annotations left out, by reason (not written)
 
     def meta(self) -> dict[str, Any]:
-        return {"schema": SCHEMA_VERSION,
-                "image": {"id": self.key if self.image_id is None else self.image_id,
-                          "width": self.width, "height": self.height, "source": self.source},
-                "queries": [q.to_json() for q in self.queries]}
+        image = {"id": self.key if self.image_id is None else self.image_id,
+                 "width": self.width, "height": self.height, "source": self.source}
+        if self.file_name is not None:
+            image["file_name"] = self.file_name
+        return {"schema": SCHEMA_VERSION, "image": image, "queries": [q.to_json() for q in self.queries]}
+
+    @property
+    def image_file(self) -> str:
+        """Where the image lives: its source file name, or ``{key}.{format}`` for generated samples."""
+        return self.file_name or f"{self.key}.{self.image_format}"
 
     def to_wds(self) -> dict[str, Any]:
         """The dict ``webdataset.TarWriter.write`` takes (bytes values are written as they are)."""
@@ -245,6 +253,10 @@ def validate_meta(meta: Any, *, key: str | None = None, source: str | None = Non
     for name, value in (("width", width), ("height", height)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             fail(f"must be a positive integer, got {value!r}", f"image.{name}")
+    file_name = image.get("file_name")
+    if file_name is not None and not (isinstance(file_name, str) and file_name.strip()):
+        fail(f"must be a non-empty string (the source image's path) when given, got {file_name!r}",
+             "image.file_name")
     if image_size is not None and tuple(image_size) != (width, height):
         fail(f"image is {image_size[0]}x{image_size[1]} but metadata says {width}x{height}",
              "image.width/height")
@@ -331,4 +343,4 @@ def sample_from_wds(record: dict[str, Any], *, source: str | None = None,
                for q in meta["queries"]]
     return Sample(key=key, image=image, image_format=formats[0], width=info["width"], height=info["height"],
                   queries=queries, image_id=info.get("id"), source=info.get("source", ""),
-                  teacher=record.get(TEACHER_FIELD))
+                  teacher=record.get(TEACHER_FIELD), file_name=info.get("file_name"))

@@ -24,7 +24,7 @@ import os
 import shlex
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from typing import Any, Literal
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from data_pipelines.atomic import write_json_atomic
 from data_pipelines.schema import (
     SCHEMA_VERSION,
     Sample,
@@ -83,11 +84,14 @@ class _ShardStats:
     keys: list[str] = field(default_factory=list)
 
 
-def sha256_of(path: str | os.PathLike) -> str:
+def sha256_of(path: str | os.PathLike, progress: Callable[[int], object] | None = None) -> str:
+    """The file's sha256 (hex); ``progress`` is called with the size of each block read."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+            if progress is not None:
+                progress(len(block))
     return digest.hexdigest()
 
 
@@ -102,16 +106,6 @@ RUN_FLAGS = ("out", "resume", "overwrite", "no_progress", "command_line", "comma
 def _json_safe(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists, paths and other objects strings)."""
     return json.loads(json.dumps(value, default=str))
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` via a temp file and rename (readers never see half a file)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardSink:
@@ -271,7 +265,7 @@ class ShardSink:
             "sha256": sha256_of(name), "consumed": self._consumed, "state": self._counts(),
         })
         write_json_atomic(self.out_dir / PROGRESS, {"schema": SCHEMA_VERSION, "settings": self.settings,
-                                                    "shards": self.shards})
+                                                    "shards": self.shards}, indent=1)
 
     def add(self, item: Sample | Skip) -> bool:
         """Validate and write one sample, or count a skip. Returns True if the sample was written."""
@@ -383,8 +377,8 @@ class ShardSink:
             self._writer = None
         manifest = self.manifest()
         self.written_manifest = manifest
-        write_json_atomic(self.out_dir / SIZES, {s["name"]: s["samples"] for s in manifest["shards"]})
-        write_json_atomic(self.out_dir / MANIFEST, manifest)
+        write_json_atomic(self.out_dir / SIZES, {s["name"]: s["samples"] for s in manifest["shards"]}, indent=1)
+        write_json_atomic(self.out_dir / MANIFEST, manifest, indent=1)
         (self.out_dir / PROGRESS).unlink(missing_ok=True)
         self._bar.close()
         return manifest

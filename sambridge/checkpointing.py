@@ -1,11 +1,13 @@
 """Checkpoint files that survive being killed: atomic writes, integrity checks, "resume from the newest".
 
-* :class:`AtomicCheckpointIO` writes ``torch.save`` output to a temporary file next to the target,
-  flushes it to disk and renames it over the target, so a checkpoint path holds either the old or the
-  new complete file. (Lightning's own writer stages the file in the system temp directory and then
-  *moves* it; across file systems - node-local ``/tmp`` to a shared run directory, the usual cluster
-  layout - that move is a copy, which a kill can interrupt halfway.) ``train.py`` installs it.
-  Beside each file it writes a digest, ``<name>.sha256`` (sha256, size and global step, as JSON).
+* :class:`AtomicCheckpointIO` writes ``torch.save`` output through
+  :func:`data_pipelines.atomic.atomic_write` (a temporary file next to the target, flushed to disk
+  and renamed over it), so a checkpoint path holds either the old or the new complete file.
+  (Lightning's own writer stages the file in the system temp directory and then *moves* it; across
+  file systems - node-local ``/tmp`` to a shared run directory, the usual cluster layout - that move
+  is a copy, which a kill can interrupt halfway.) ``train.py`` installs it.
+  Beside each file it writes a digest, ``<name>.sha256`` (sha256, size and global step, as JSON). A
+  temporary left by a killed write is removed by the next write of the same file on that host.
 * :func:`check_checkpoint` tells a complete checkpoint from a truncated or corrupt one without
   unpickling it: a ``torch.save`` file is a zip archive whose directory is written last, and a file
   with a digest must match it byte for byte (a flipped byte inside a tensor fails).
@@ -15,9 +17,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import zipfile
 from collections.abc import Iterable
@@ -29,6 +29,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.utilities import rank_zero_warn
 
+from data_pipelines.atomic import atomic_write, write_json_atomic
+from data_pipelines.writer import sha256_of
 from sambridge.models.checkpoint_io import CheckpointError
 
 AUTO = "auto"
@@ -51,38 +53,9 @@ def _is_local(path: _PATH) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def digest_path(path: _PATH) -> Path:
     """Where the digest of checkpoint ``path`` lives."""
     return Path(f"{path}{DIGEST_SUFFIX}")
-
-
-def file_sha256(path: _PATH) -> str:
-    """Hex sha256 of a file, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomically(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
@@ -92,14 +65,11 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     A kill between the two leaves a checkpoint whose digest is the previous file's: it fails
     :func:`check_checkpoint` and ``--ckpt_path auto`` passes over it, naming it.
     """
-    path = Path(str(path).removeprefix("file://"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda file: torch.save(obj, file))
+    path = atomic_write(str(path).removeprefix("file://"), lambda file: torch.save(obj, file))
     step = obj.get("global_step") if isinstance(obj, dict) else None
-    record = {"sha256": file_sha256(path), "bytes": path.stat().st_size,
+    record = {"sha256": sha256_of(path), "bytes": path.stat().st_size,
               "global_step": step if isinstance(step, int) else None}
-    _write_atomically(digest_path(path), lambda file: file.write(json.dumps(record).encode()))
-    _fsync_directory(path.parent)
+    write_json_atomic(digest_path(path), record)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -182,7 +152,7 @@ def _check_digest(path: Path, size: int) -> None:
     record = _read_digest(path)
     if record is None:
         return  # written by another writer: the zip structure is all there is to check
-    if record.get("bytes") not in (None, size) or file_sha256(path) != record["sha256"]:
+    if record.get("bytes") not in (None, size) or sha256_of(path) != record["sha256"]:
         raise CheckpointError(f"checkpoint {path} does not match its digest {digest_path(path).name} "
                               "(corrupt, or the job was killed between writing the two): remove the "
                               "digest to accept the file unchecked")

@@ -173,12 +173,13 @@ def user_error(error: BaseException) -> BaseException | None:
     from data_pipelines.datamodule import MissingSplitError
     from data_pipelines.pipeline import ShardReadError
     from data_pipelines.schema import SampleError
+    from data_pipelines.verify import ShardVerificationError
     from data_pipelines.vocab import VocabularyError
     from sambridge.metrics.saco import RecordError
     from sambridge.models.checkpoint_io import CheckpointError
 
     kinds = (CheckpointError, SampleError, InputError, VocabularyError, RecordError, ShardReadError,
-             MissingSplitError, FileNotFoundError, FileExistsError)
+             ShardVerificationError, MissingSplitError, FileNotFoundError, FileExistsError)
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, kinds):

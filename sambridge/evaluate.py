@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from data_pipelines.atomic import write_json_atomic
 from sambridge.metrics.ap import DEFAULT_MAX_DETS, average_precision
 from sambridge.metrics.calibration import Calibration, calibration
 from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD, IOU_THRESHOLDS, select_oracle, true_positives
 from sambridge.metrics.masks import rle_ious, rle_union_overlap
 from sambridge.metrics.queries import QueryMatch, QueryTable, count_duplicates, match_query, stack_ap_records
-from sambridge.metrics.saco import SacoGroundTruth, gc_paused, load_ground_truth, load_predictions, write_json
+from sambridge.metrics.saco import SacoGroundTruth, gc_paused, load_ground_truth, load_predictions
 
 #: Metrics the printed summary shows, in order (the JSON has them all).
 HEADLINE = ("cgF1", "pmF1", "IL_MCC", "cgF1@0.5", "cgF1@0.75", "positive_macro_F1", "IL_F1", "AP", "AP50",
@@ -242,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "score_threshold": args.score_threshold, "max_dets": args.max_dets}
         if reference is not None:
             result.update(baseline=str(args.baseline), baseline_metrics=reference.metrics)
-        write_json(args.out, result)
+        write_json_atomic(args.out, result)
         print(f"metrics written to {args.out}")
     if args.per_phrase:
         from sambridge.report import compare_phrase_rows, write_phrase_table

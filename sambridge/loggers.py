@@ -11,6 +11,8 @@ from typing import Any
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from data_pipelines.atomic import atomic_write
+
 RUN_ID_FILE = "wandb-run-id"
 """File in ``save_dir`` that holds the run's wandb id."""
 
@@ -59,8 +61,4 @@ def new_run_id() -> str:
 def _store_run_id(save_dir: str | os.PathLike, run_id: str) -> None:
     if read_run_id(save_dir) == run_id:
         return
-    path = Path(save_dir) / RUN_ID_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{RUN_ID_FILE}.{os.getpid()}.tmp")
-    temporary.write_text(run_id + "\n")
-    os.replace(temporary, path)
+    atomic_write(Path(save_dir) / RUN_ID_FILE, run_id + "\n")

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['loader_over_tight_loop']:.3f} (target >= 0.9)")
     print(json.dumps(result))
     if args.json:
-        from data_pipelines.writer import write_json_atomic
+        from data_pipelines.atomic import write_json_atomic
 
         write_json_atomic(args.json, result)
     return 0

@@ -33,8 +33,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from sam3.eval.cgf1_eval import CGF1Evaluator
 
+from data_pipelines.atomic import write_json_atomic
 from sambridge.evaluate import evaluate_files
-from sambridge.metrics import SAM3_KEYS, make_synthetic_saco, write_json
+from sambridge.metrics import SAM3_KEYS, make_synthetic_saco
 
 
 def _cocoeval_ap(gt_path: Path, pred_path: Path, image_ids: list[int]) -> float:
@@ -75,9 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         gt_paths = [Path(tmp) / f"gt_{v}.json" for v in range(args.gt_versions)]
         for path, gt in zip(gt_paths, data.ground_truths, strict=True):
-            write_json(path, gt)
+            write_json_atomic(path, gt)
         pred_path = Path(tmp) / "predictions.json"
-        write_json(pred_path, data.predictions)
+        write_json_atomic(pred_path, data.predictions)
         excluded = {img["id"] for gt in data.ground_truths[1:] for img in gt["images"]
                     if not img["is_instance_exhaustive"]}
         image_ids = [img["id"] for img in data.ground_truths[0]["images"]
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
           + ("" if args.skip_cocoeval else f"; |AP - COCOeval AP| {result['abs_diff_AP_vs_COCOeval']:.2e}"))
     print(json.dumps(result, indent=2))
     if args.json:
-        write_json(args.json, result)
+        write_json_atomic(args.json, result)
     return result
 
 

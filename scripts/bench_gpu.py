@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} failed (exit {r['returncode']}):\n{r['error']}", file=sys.stderr)
     print(json.dumps(result))
     if args.json:
-        from data_pipelines.writer import write_json_atomic
+        from data_pipelines.atomic import write_json_atomic
 
         write_json_atomic(args.json, result)
     return 0 if all(r["exited"] for r in runs.values()) else 1

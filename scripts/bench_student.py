@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(result))
     print(json.dumps(result, indent=1))
     if args.json:
-        from data_pipelines.writer import write_json_atomic
+        from data_pipelines.atomic import write_json_atomic
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.json, result)

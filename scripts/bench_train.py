@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     print(json.dumps(result))
     if args.json:
-        from data_pipelines.writer import write_json_atomic
+        from data_pipelines.atomic import write_json_atomic
 
         write_json_atomic(args.json, result)
     return 0

@@ -24,9 +24,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.atomic import atomic_write
 from sambridge.evaluate import evaluate_saco
 from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD
-from sambridge.metrics.saco import SacoGroundTruth, atomic_write, load_ground_truth, load_predictions
+from sambridge.metrics.saco import SacoGroundTruth, load_ground_truth, load_predictions
 
 COLUMNS = ("AP", "AP50", "AP75", "count_mae", "count_err%")
 

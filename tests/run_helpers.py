@@ -28,7 +28,8 @@ def fit_args(shards: Path, out: Path, *extra: str, workers: int = 2) -> list[str
             "--data.init_args.train", str(shards / "train"), "--data.init_args.val", str(shards / "val"),
             "--data.init_args.image_size", "64", "--data.init_args.batch_size", "2",
             "--data.init_args.num_workers", str(workers), "--trainer.default_root_dir", str(out),
-            "--trainer.logger.init_args.save_dir", str(out), "--trainer.log_every_n_steps", "1",
+            "--trainer.logger.init_args.save_dir", str(out), f"--trainer.callbacks.dirpath={out / 'checkpoints'}",
+            "--trainer.log_every_n_steps", "1",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", *extra]
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -53,6 +57,24 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_whole(tmp_path, mon
     assert step_of(path) == 1
     # no temporary file left behind; the digest still describes the previous file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
+
+
+def test_a_temporary_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
+    path = saved(tmp_path / "last.ckpt", 1)
+    writer = ("import sys, time; from pathlib import Path; from data_pipelines.atomic import atomic_write; "
+              "atomic_write(Path(sys.argv[1]), lambda f: (f.write(b'x'), f.flush(), time.sleep(120)))")
+    child = subprocess.Popen([sys.executable, "-c", writer, str(path)])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".last.ckpt.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child.kill()  # SIGKILL: no clean-up runs
+    child.wait()
+    assert len(list(tmp_path.glob(".last.ckpt.*.tmp"))) == 1
+    busy = tmp_path / f".last.ckpt.{socket.gethostname()}.{os.getppid()}.tmp"  # a live writer's stays
+    busy.touch()
+    saved(path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "last.ckpt", "last.ckpt.sha256"]
+    assert step_of(path) == 2
 
 
 def test_the_temporary_file_is_renamed_within_the_target_directory(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 
 from data_pipelines.synthetic import generate_synthetic
 from sambridge.cli import SambridgeCLI, lightning_cli, main
+from sambridge.evaluate import main as evaluate_main
 from sambridge.modules import BaseTask, GroundingModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,14 +61,14 @@ def _args(shards: Path, out: Path, *extra: str) -> list[str]:
             "--data.init_args.test", str(shards / "heldout"), "--data.init_args.predict", str(shards / "heldout"),
             "--data.init_args.image_size", "64", "--data.init_args.batch_size", "4",
             "--data.init_args.num_workers", "0", "--trainer.default_root_dir", str(out),
-            "--trainer.logger", "false", *extra]
+            f"--trainer.callbacks.dirpath={out / 'checkpoints'}", "--trainer.logger", "false", *extra]
 
 
 def test_fit_then_test_and_predict_from_the_checkpoint(shards: Path, tmp_path: Path) -> None:
     main(["fit", *_args(shards, tmp_path, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
                         "--trainer.limit_val_batches", "1")])
     checkpoints = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
-    assert checkpoints, "fit wrote no checkpoint"
+    assert [p.name for p in checkpoints] == ["last.ckpt"]  # what the docs' test/predict commands read
     saved = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
     assert saved["global_step"] == 3
     assert (tmp_path / "config.yaml").exists()
@@ -87,6 +88,13 @@ def test_fit_then_test_and_predict_from_the_checkpoint(shards: Path, tmp_path: P
         assert record["image_id"] in sizes
         assert mask_utils.decode(record["segmentation"]).shape == sizes[record["image_id"]]
     assert len(list((out / "overlays").glob("*.png"))) == 2
+    assert all(img["file_name"] == f"{img['sample_key']}.png" for img in ground_truth["images"])
+
+    # the grid finds each query's image in the shards the ground truth was predicted from
+    grid = tmp_path / "grid.png"
+    assert evaluate_main(["--gt", str(out / "ground_truth.json"), "--pred", str(out / "predictions.json"),
+                          "--grid", str(grid), "--image-root", str(shards / "heldout"), "--grid-queries", "1"]) == 0
+    assert grid.stat().st_size > 0
 
 
 def test_checkpoint_reload_gives_identical_outputs(shards: Path, tmp_path: Path, grounding_batch) -> None:
@@ -109,3 +117,11 @@ def test_tool_commands_are_reachable(capsys) -> None:
         main(["data", "--help"])
     assert exit_info.value.code == 0
     assert "synthetic" in capsys.readouterr().out
+
+
+def test_the_demo_config_alone_writes_the_checkpoint_the_docs_read() -> None:
+    cli = lightning_cli(["--config", str(REPO / "configs/demo/grounding_tiny.yaml")], run=False)
+    (callback,) = cli.trainer.checkpoint_callbacks
+    assert Path(callback.dirpath) == Path("runs/demo/checkpoints").resolve() and callback.save_last
+    for doc in ("docs/evaluation.md", "docs/training.md"):
+        assert "--ckpt_path runs/demo/checkpoints/last.ckpt" in (REPO / doc).read_text()

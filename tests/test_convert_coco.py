@@ -181,6 +181,7 @@ def test_coco_masks_phrases_crowd_and_negatives(tmp_path: Path) -> None:
     assert sorted(samples) == ["coco_val2017_1", "coco_val2017_2", "coco_val2017_5"]
     s1, s2, s5 = samples["coco_val2017_1"], samples["coco_val2017_2"], samples["coco_val2017_5"]
     assert s1.source == "coco:val2017" and s1.image_id == 1
+    assert (s1.file_name, s2.file_name) == ("img1.jpg", "sub/img2.png")  # a sample traces back to its file
     assert s1.image == (images / "img1.jpg").read_bytes() and s1.image_format == "jpg"  # bytes unmodified
     assert (s2.width, s2.height, s2.image_format) == (70, 30, "png")
 

@@ -86,6 +86,7 @@ def test_semantic_one_instance_per_class(semantic_folder, tmp_path: Path) -> Non
     samples = {s.image_id: s for s in iter_samples(out)}
     assert sorted(samples) == ["field/a", "field/b"]
     a, b = samples["field/a"], samples["field/b"]
+    assert (a.file_name, b.file_name) == ("field/a.jpg", "field/b.jpg")
     assert a.image == (images / "field" / "a.jpg").read_bytes() and (a.width, a.height) == (W, H)
     assert _phrases(a) == {"weed": 1, "crop row": 1, "stone": 0}
     assert all(q.exhaustive for q in a.queries)

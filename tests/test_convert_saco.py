@@ -122,6 +122,7 @@ def test_saco_groups_pairs_per_image(tmp_path: Path) -> None:
     samples = {s.image_id: s for s in iter_samples(out)}
     assert sorted(samples) == ["1/1001/metaclip_a.jpeg", "1/1002/metaclip_b.jpeg", "1/1003/metaclip_d.jpeg"]
     a = samples["1/1001/metaclip_a.jpeg"]
+    assert all(s.file_name == name for name, s in samples.items())
     assert a.key == "saco_gold_fg_food_merged_a_release_test_1_1001_metaclip_a"
     assert a.image == (images / "1/1001/metaclip_a.jpeg").read_bytes() and (a.width, a.height) == (56, 40)
     assert [(q.phrase, len(q.instances), q.exhaustive) for q in a.queries] == [

@@ -170,7 +170,7 @@ def test_configuration_errors(shards, tmp_path):
     for tar in (shards / "train").glob("*.tar"):
         (raw / tar.name).write_bytes(tar.read_bytes())
     (raw / "sizes.json").write_text((shards / "train" / "sizes.json").read_text())
-    with pytest.raises(ValueError, match="vocabulary=FILE"):
+    with pytest.raises(ValueError, match="no manifest.json beside the shards.*data.init_args.vocabulary FILE"):
         module(shards, train=str(raw), val=None, negatives_per_image=1).setup("fit")
 
 

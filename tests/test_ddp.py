@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from run_helpers import REPO, checkpoint_at, fit_args, make_shards, run_cli
+from run_helpers import REPO, fit_args, make_shards, run_cli
 
 from data_pipelines.collate import QueryPolicy
 from data_pipelines.pipeline import resolve_shards
@@ -65,7 +65,7 @@ def test_two_rank_ddp_fit_reads_disjoint_data_and_counts_each_val_query_once(sha
     assert expected > 8
     assert logged(tmp_path, "val_num_queries") == [expected]  # reduced over ranks once, not twice or halved
 
-    checkpoint = torch.load(checkpoint_at(tmp_path, 4), map_location="cpu", weights_only=True)
-    assert checkpoint["ShardDataModule"]["world_size"] == 2
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 4 and checkpoint["ShardDataModule"]["world_size"] == 2
     rates = logged(tmp_path, "train_images_per_s")
     assert len(rates) == 3 and all(rate > 0 for rate in rates)  # every step but the first (no wait known)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines.atomic import write_json_atomic
 from sambridge.evaluate import evaluate_files, main
-from sambridge.metrics import encode_masks, make_synthetic_saco, write_json
+from sambridge.metrics import encode_masks, make_synthetic_saco
 
 
 def _box(rows: slice, cols: slice) -> np.ndarray:
@@ -54,8 +55,8 @@ def hand_files(tmp_path):
         {"image_id": i, "category_id": 1, "segmentation": encode_masks(m[None])[0], "score": s}
         for i, m, s in preds
     ]
-    write_json(tmp_path / "gt.json", gt)
-    write_json(tmp_path / "pred.json", predictions)
+    write_json_atomic(tmp_path / "gt.json", gt)
+    write_json_atomic(tmp_path / "pred.json", predictions)
     return tmp_path / "gt.json", tmp_path / "pred.json"
 
 
@@ -73,8 +74,8 @@ def test_iou_and_counting_definitions(hand_files):
 
 def test_cli_writes_table_json_csv_markdown_and_grid(tmp_path, capsys):
     data = make_synthetic_saco(40, seed=41)
-    write_json(tmp_path / "gt.json", data.ground_truths[0])
-    write_json(tmp_path / "pred.json", data.predictions)
+    write_json_atomic(tmp_path / "gt.json", data.ground_truths[0])
+    write_json_atomic(tmp_path / "pred.json", data.predictions)
     images = tmp_path / "images"
     images.mkdir()
     for entry in data.ground_truths[0]["images"]:
@@ -142,9 +143,9 @@ def test_cli_refuses_a_grid_without_images_and_names_a_missing_image(tmp_path, h
 
 def test_cli_compares_with_a_baseline_side_by_side(tmp_path, capsys):
     data = make_synthetic_saco(40, seed=41)
-    write_json(tmp_path / "gt.json", data.ground_truths[0])
-    write_json(tmp_path / "pred.json", data.predictions)
-    write_json(tmp_path / "base.json", data.predictions[::2])  # a weaker run: half the predictions
+    write_json_atomic(tmp_path / "gt.json", data.ground_truths[0])
+    write_json_atomic(tmp_path / "pred.json", data.predictions)
+    write_json_atomic(tmp_path / "base.json", data.predictions[::2])  # a weaker run: half the predictions
     out = tmp_path / "cmp"
     assert main(["--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "pred.json"),
                  "--baseline", str(tmp_path / "base.json"), "--baseline-name", "heuristic",
@@ -185,10 +186,10 @@ def duplicate_files(tmp_path):
         return [{"image_id": i, "category_id": 1, "segmentation": encode_masks(m[None])[0], "score": s}
                 for i, m, s in preds]
 
-    write_json(tmp_path / "gt.json", gt)
-    write_json(tmp_path / "pred.json", results([(1, shrunk_a, 0.95), (1, a, 0.9), (1, b, 0.8), (1, b, 0.4),
+    write_json_atomic(tmp_path / "gt.json", gt)
+    write_json_atomic(tmp_path / "pred.json", results([(1, shrunk_a, 0.95), (1, a, 0.9), (1, b, 0.8), (1, b, 0.4),
                                                 (2, a, 0.7)]))
-    write_json(tmp_path / "base.json", results([(1, a, 0.9), (1, b, 0.8)]))
+    write_json_atomic(tmp_path / "base.json", results([(1, a, 0.9), (1, b, 0.8)]))
     return tmp_path / "gt.json", tmp_path / "pred.json", tmp_path / "base.json"
 
 

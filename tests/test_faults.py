@@ -1,4 +1,11 @@
-"""Faults a user makes end every command with one clear line and exit code 2; bugs keep their traceback."""
+"""Faults a user makes end every command with one clear line and exit code 2; bugs keep their traceback.
+
+Faults injected below the CLI are tested beside the code that catches them: checkpoints (flipped
+bytes, ``auto`` ordering, killed writes) in test_checkpointing.py, shard verification at set-up in
+test_verify_shards.py, writer ``--resume`` with other arguments in test_synthetic.py, sample validation
+(RLE size, NaN boxes, truncated images, file names) in test_schema.py, converters that must drop and
+count rather than guess in test_convert_*.py.
+"""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_pipelines.atomic import write_json_atomic
 from data_pipelines.batch import GroundingBatch
 from data_pipelines.schema import Query, Sample, decode_rle, encode_image, instance_from_mask
 from sambridge.evaluate import evaluate_files
@@ -25,7 +26,6 @@ from sambridge.metrics import (
     parse_ground_truth,
     prediction_records,
     saco_pair_id,
-    write_json,
 )
 
 
@@ -36,7 +36,7 @@ def files():
 
 
 def _gt_error(gt: dict, tmp_path) -> RecordError:
-    write_json(tmp_path / "gt.json", gt)
+    write_json_atomic(tmp_path / "gt.json", gt)
     with pytest.raises(RecordError) as info:
         load_ground_truth(tmp_path / "gt.json")
     assert str(tmp_path / "gt.json") in str(info.value)
@@ -44,8 +44,8 @@ def _gt_error(gt: dict, tmp_path) -> RecordError:
 
 
 def _pred_error(gt: dict, preds: list, tmp_path) -> RecordError:
-    write_json(tmp_path / "gt.json", gt)
-    write_json(tmp_path / "pred.json", preds)
+    write_json_atomic(tmp_path / "gt.json", gt)
+    write_json_atomic(tmp_path / "pred.json", preds)
     with pytest.raises(RecordError) as info:
         load_predictions(tmp_path / "pred.json", load_ground_truth(tmp_path / "gt.json"))
     assert str(tmp_path / "pred.json") in str(info.value)
@@ -194,8 +194,8 @@ def test_exports_are_read_alike_by_us_and_sam3(tmp_path):
     first = gt["annotations"][0]  # boxes are written as COCO [x, y, w, h], like the ground truth's
     first_pred = next(p for p in predictions if p["image_id"] == first["image_id"])
     assert first_pred["bbox"] == pytest.approx(first["bbox"])
-    write_json(tmp_path / "gt.json", gt)
-    write_json(tmp_path / "pred.json", predictions)
+    write_json_atomic(tmp_path / "gt.json", gt)
+    write_json_atomic(tmp_path / "pred.json", predictions)
     ours = evaluate_files(tmp_path / "gt.json", tmp_path / "pred.json")
     with contextlib.redirect_stdout(io.StringIO()):
         theirs = CGF1Evaluator(str(tmp_path / "gt.json")).evaluate(str(tmp_path / "pred.json"))
@@ -250,8 +250,8 @@ def test_batch_predictions_map_back_to_the_original_images(tmp_path):
     assert {r["image_id"] for r in records} == {saco_pair_id(s.key, "apple") for s in samples}
     gt = ground_truth_from_samples(samples)
     np.testing.assert_allclose([r["bbox"] for r in records], [a["bbox"] for a in gt["annotations"]])
-    write_json(tmp_path / "gt.json", gt)
-    write_json(tmp_path / "pred.json", records)
+    write_json_atomic(tmp_path / "gt.json", gt)
+    write_json_atomic(tmp_path / "pred.json", records)
     metrics = evaluate_files(tmp_path / "gt.json", tmp_path / "pred.json")
     assert metrics["mIoU"] == 1.0 and metrics["IL_MCC"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["AP"] == 1.0 and metrics["count_mae"] == 0

@@ -20,7 +20,7 @@ from data_pipelines.pipeline import (
     shuffle_assignment,
 )
 from data_pipelines.schema import sample_from_wds
-from data_pipelines.writer import ShardSink
+from data_pipelines.writer import MANIFEST, ShardSink, sha256_of
 
 
 def write_shards(folder: Path, sizes: list[int], prefix: str = "part") -> list[str]:
@@ -150,7 +150,11 @@ def test_exact_epoch_needs_a_shard_per_rank_and_worker(tmp_path):
 
 
 def corrupt_json(path: Path, key: str) -> None:
-    """Rewrite a shard with the json of sample ``key`` broken."""
+    """Rewrite a shard with the json of sample ``key`` broken.
+
+    A manifest.json beside it records the new sha256, as if the shard had been written with the bad
+    sample: training then meets the sample (and skips it) rather than set-up refusing a changed shard.
+    """
     records = list(wds.WebDataset(str(path), shardshuffle=False))
     with wds.TarWriter(str(path)) as tar:
         for record in records:
@@ -158,6 +162,13 @@ def corrupt_json(path: Path, key: str) -> None:
             if record["__key__"] == key:
                 record["json"] = b'{"schema": 1, "image": '
             tar.write(record)
+    manifest_path = path.parent / MANIFEST
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        for shard in manifest["shards"]:
+            if shard["name"] == path.name:
+                shard.update(sha256=sha256_of(path), bytes=path.stat().st_size)
+        manifest_path.write_text(json.dumps(manifest))
 
 
 @pytest.mark.timeout(60)

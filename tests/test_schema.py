@@ -179,6 +179,7 @@ BROKEN = {
         "true or false",
     ),
     "schema version": (lambda m: _set(m, "schema", 2), "schema", "is not 1"),
+    "file name not a string": (lambda m: _set(m, "image.file_name", 7), "image.file_name", "non-empty string"),
 }
 
 

@@ -269,7 +269,8 @@ class CocoConverter(Converter):
             raise SkipItem("no queries",
                            f"image id {img['id']!r} ({path}) has no usable annotations or negatives")
         return Sample(key=self.key(index), image=data, image_format=image_format, width=width, height=height,
-                      queries=queries, image_id=img["id"], source=self.source, origin=str(path),
+                      queries=queries, image_id=img["id"], source=self.source,
+                      file_name=path.relative_to(self.images_dir).as_posix(), origin=str(path),
                       dropped=dict(dropped))
 
     def _coco_queries(self, image_id: Any, on_image: dict[str, _PhraseOnImage]) -> list[Query]:

@@ -193,7 +193,7 @@ class InstanceFoldersConverter(Converter):
         queries = [Query(p, found.get(p, []), exhaustive=True) for p in self.vocabulary]
         return Sample(key=self.key(index), image=data, image_format=image_format, width=width, height=height,
                       queries=queries, image_id=rel.with_suffix("").as_posix(), source=self.source,
-                      origin=f"{image_path} (masks {folder})", dropped=dict(dropped))
+                      file_name=rel.as_posix(), origin=f"{image_path} (masks {folder})", dropped=dict(dropped))
 
     def _instance(self, path: Path, image_path: Path, width: int, height: int) -> Instance:
         pixels = self._load_mask(path, image_path, (width, height))

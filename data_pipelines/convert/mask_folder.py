@@ -280,7 +280,7 @@ class MaskFolderConverter(Converter):
         queries = [Query(p, found.get(p, []), exhaustive=True) for p in self.vocabulary]
         return Sample(key=self.key(index), image=data, image_format=image_format, width=width, height=height,
                       queries=queries, image_id=rel.with_suffix("").as_posix(), source=self.source,
-                      origin=f"{image_path} (mask {mask_path})", dropped=dict(dropped))
+                      file_name=rel.as_posix(), origin=f"{image_path} (mask {mask_path})", dropped=dict(dropped))
 
     def _semantic_instances(self, label: np.ndarray, dropped: Counter) -> dict[str, list[Instance]]:
         values = set(np.unique(label).tolist())

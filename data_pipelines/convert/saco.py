@@ -125,7 +125,7 @@ class SacoConverter(Converter):
             raise SkipItem("no queries", f"{path}: every pair in {self.annotations_path} was dropped")
         return Sample(key=self.key(index), image=data, image_format=image_format, width=width, height=height,
                       queries=list(queries.values()), image_id=file_name, source=self.source,
-                      origin=str(path), dropped=dict(dropped))
+                      file_name=PurePosixPath(file_name).as_posix(), origin=str(path), dropped=dict(dropped))
 
     def notes(self) -> list[str]:
         n = self.annotations_without_pair

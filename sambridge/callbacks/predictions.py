@@ -10,8 +10,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from data_pipelines.atomic import write_json_atomic
 from data_pipelines.batch import GroundingBatch
-from sambridge.metrics import batch_prediction_records, write_json
+from sambridge.metrics import batch_prediction_records
 from sambridge.metrics.saco import batch_ground_truth
 from sambridge.visualize import Detection, draw_detections, to_uint8_image
 
@@ -94,17 +95,17 @@ class PredictionWriter(Callback):
         out.mkdir(parents=True, exist_ok=True)
         rank, world = trainer.global_rank, trainer.world_size
         part = {"predictions": self.records, "images": self.gt_images, "annotations": self.gt_annotations}
-        write_json(out / f"part-rank{rank}.json", part)
+        write_json_atomic(out / f"part-rank{rank}.json", part)
         trainer.strategy.barrier("prediction-writer")
         if trainer.is_global_zero:
             parts = [json.loads((out / f"part-rank{r}.json").read_text()) for r in range(world)]
-            write_json(out / "predictions.json", [rec for p in parts for rec in p["predictions"]])
+            write_json_atomic(out / "predictions.json", [rec for p in parts for rec in p["predictions"]])
             images = [img for p in parts for img in p["images"]]
             if images:
                 phrases = sorted({img["text_input"] for img in images})
                 # annotation ids count from 1 within each batch: renumber them across batches and ranks
                 annotations = [{**a, "id": i} for i, a in enumerate((a for p in parts for a in p["annotations"]), 1)]
-                write_json(out / "ground_truth.json", {
+                write_json_atomic(out / "ground_truth.json", {
                     "info": {"description": "sambridge ground truth of the predicted (sample, phrase) pairs"},
                     "images": images, "annotations": annotations,
                     "categories": [{"id": 1, "name": "object"}], "phrases": phrases})

@@ -24,7 +24,6 @@ from sambridge.metrics.saco import (
     parse_predictions,
     prediction_records,
     saco_pair_id,
-    write_json,
 )
 from sambridge.metrics.streaming import ConceptSegmentationMetrics
 from sambridge.metrics.synthetic import SyntheticSaco, make_synthetic_saco
@@ -35,5 +34,5 @@ __all__ = [
     "SyntheticSaco", "average_precision", "batch_prediction_records", "cgf1_metrics", "count_duplicates",
     "encode_masks", "greedy_matches", "ground_truth_from_samples", "load_ground_truth", "load_predictions",
     "make_synthetic_saco", "mask_ious", "match_query", "parse_ground_truth", "parse_predictions",
-    "prediction_records", "rle_ious", "saco_pair_id", "select_oracle", "true_positives", "write_json",
+    "prediction_records", "rle_ious", "saco_pair_id", "select_oracle", "true_positives",
 ]

@@ -26,8 +26,6 @@ import contextlib
 import gc
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,25 +79,6 @@ def _read_json(path: str | Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from err
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write a file atomically: a temp file in the same folder, then a rename (no half-written files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON, atomically."""
-    atomic_write(path, json.dumps(obj))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +292,8 @@ def ground_truth_from_samples(samples: Iterable[Sample]) -> dict[str, Any]:
     """An SA-Co ground-truth dict from shard samples: one ``images`` entry per (sample, query).
 
     Image ids are :func:`saco_pair_id` of (sample key, phrase), so predictions written elsewhere
-    (another rank, a later run) refer to the same ids. ``file_name`` is ``{key}.{image format}``.
+    (another rank, a later run) refer to the same ids. ``file_name`` is the sample's source image file
+    (``{key}.{image format}`` for generated samples).
     """
     images, annotations, owners = [], [], {}
     for sample in samples:
@@ -323,7 +303,7 @@ def ground_truth_from_samples(samples: Iterable[Sample]) -> dict[str, Any]:
                 raise ValueError(f"sample {sample.key!r}, phrase {query.phrase!r}: (image, phrase) id "
                                  f"{pair_id} already used by {owners[pair_id]} (duplicate sample or query?)")
             owners[pair_id] = f"sample {sample.key!r}, phrase {query.phrase!r}"
-            entry = {"id": pair_id, "file_name": f"{sample.key}.{sample.image_format}",
+            entry = {"id": pair_id, "file_name": sample.image_file,
                      "height": sample.height, "width": sample.width, "text_input": query.phrase,
                      "is_instance_exhaustive": int(query.exhaustive), "sample_key": sample.key}
             if sample.image_id is not None:
@@ -427,7 +407,8 @@ def batch_ground_truth(batch: GroundingBatch) -> tuple[list[dict[str, Any]], lis
         image = int(batch.query_image[q])
         orig_h, orig_w = batch.orig_hw[image].tolist()
         pair_id = saco_pair_id(batch.keys[image], batch.phrases[q])
-        images.append({"id": pair_id, "file_name": batch.keys[image], "height": orig_h, "width": orig_w,
+        file_name = batch.image_files[image] if batch.image_files else batch.keys[image]
+        images.append({"id": pair_id, "file_name": file_name, "height": orig_h, "width": orig_w,
                        "text_input": batch.phrases[q], "is_instance_exhaustive": int(batch.exhaustive[q]),
                        "sample_key": batch.keys[image]})
         masks = _canvas_to_original(batch.masks[rows].cpu(), batch, image)

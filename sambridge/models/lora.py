@@ -27,9 +27,10 @@ from typing import Literal
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from data_pipelines.atomic import atomic_write
 from sambridge.models.checkpoint_io import CheckpointError, check_state_dict
 from sambridge.models.grounded_sam2 import ADAPTER_MARKER, GroundedSAM2
 from sambridge.models.grounding_head import HEAD_MODULES
@@ -162,14 +163,9 @@ def adapter_state_dict(model: GroundedSAM2) -> dict:
 
 def save_adapters(model: GroundedSAM2, path: str | os.PathLike) -> Path:
     """Write ``adapter_state_dict`` and the LoRA settings to a safetensors file (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     metadata = {"format": ADAPTER_FORMAT, "lora_settings": json.dumps(asdict(model.lora_settings))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def load_adapters(model: GroundedSAM2, path: str | os.PathLike) -> GroundedSAM2:

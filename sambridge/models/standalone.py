@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from data_pipelines.atomic import atomic_write
 from sambridge.models.checkpoint_io import CheckpointError, load_state_dict_strict
 from sambridge.models.registry import create_model
 
@@ -60,18 +61,13 @@ def save_student(model: nn.Module, name: str, model_args: dict[str, Any], path: 
         path: Output file; ``.safetensors`` or a ``torch.save`` file (see the module docstring).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": STUDENT_FORMAT, "model": name,
               "model_args": json.dumps(architecture_args(model_args), sort_keys=True),
               "refine_masks": json.dumps(bool(getattr(model, "refine_masks", True)))}  # its validated mask source
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        save_file(state, str(tmp), metadata=header)
-    else:
-        torch.save({**header, "state_dict": state}, tmp)
-    os.replace(tmp, path)
-    return path
+        return atomic_write(path, safetensors_bytes(state, metadata=header))
+    return atomic_write(path, lambda file: torch.save({**header, "state_dict": state}, file))
 
 
 def read_student(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
