@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+PROG = "python -m data_pipelines"
+"""How the commands are named when this module runs as a program."""
+
+
 def load_command(name: str) -> ModuleType:
     """Import the module of command ``name`` and check that it has ``add_arguments`` and ``run``."""
     if name not in COMMANDS:
@@ -51,9 +55,9 @@ def load_command(name: str) -> ModuleType:
     return module
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, prog: str = PROG) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s own options are added (its module is imported)."""
-    parser = argparse.ArgumentParser(prog="python -m data_pipelines",
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Build, generate and check sambridge WebDataset shards.")
     parser.set_defaults(command_line=None)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -68,12 +72,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns its exit code (2 for bad input, with a message naming the file)."""
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Run one command; returns its exit code (2 for bad input, with a message naming the file).
+
+    ``prog`` is how the user called it (``sambridge data`` or ``python -m data_pipelines``): usage
+    lines and the command line a manifest records say the same.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
-    args.command_line = shlex.join(["python", "-m", "data_pipelines", *argv])
+    args = build_parser(command, prog).parse_args(argv)
+    args.command_line = shlex.join([*shlex.split(prog), *argv])
     try:
         return int(load_command(args.command).run(args))
     except (InputError, SampleError, ResumeMismatchError, OSError) as err:
