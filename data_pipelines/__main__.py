@@ -3,4 +3,4 @@
 from data_pipelines.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog="python -m data_pipelines"))

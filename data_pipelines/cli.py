@@ -33,8 +33,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-PROG = "python -m data_pipelines"
-"""How the commands are named when this module runs as a program."""
+PROG = "sambridge data"
+"""How the commands are named in usage lines and recorded command lines (``python -m data_pipelines``
+names itself)."""
 
 
 def load_command(name: str) -> ModuleType:

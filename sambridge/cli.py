@@ -209,9 +209,6 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _run(argv: list[str], called: bool) -> int:
-    if argv and argv[0] == "data":
-        from data_pipelines.cli import main as data_main
-        return data_main(argv[1:], prog="sambridge data")
     if argv and argv[0] in TOOL_COMMANDS:
         return _tool(argv[0])(argv[1:]) or 0
     if argv and argv[0] in ("-h", "--help"):

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_pipelines.atomic import atomic_write
-from data_pipelines.inspect import iter_samples
+from data_pipelines.pipeline import resolve_shards
+from data_pipelines.schema import sample_from_wds
 from data_pipelines.writer import MANIFEST
 from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD
 from sambridge.metrics.saco import SacoGroundTruth
@@ -235,11 +237,12 @@ def _image_reader(image_root: Path, entries: Sequence[dict[str, Any]]
     if (image_root / MANIFEST).is_file():
         wanted = {entry.get("sample_key") for entry in entries} - {None}
         found: dict[str, bytes] = {}
-        for sample in iter_samples(image_root):
-            if sample.key in wanted:
-                found[sample.key] = sample.image
-                if len(found) == len(wanted):
-                    break
+        for url in resolve_shards(str(image_root)).urls:  # raw records: only the wanted ones are decoded
+            for record in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+                if record["__key__"] in wanted:
+                    found[record["__key__"]] = sample_from_wds(record, source=url).image
+            if len(found) == len(wanted):
+                break
 
         def from_shards(entry: dict[str, Any]) -> tuple[np.ndarray, str]:
             key = entry.get("sample_key")
