@@ -15,5 +15,7 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m "not gpu"
 
+# ruff, then the layering contracts of pyproject.toml (docs/architecture.md); `make test` checks them too
 lint: install
 	$(VENV)/bin/ruff check sambridge data_pipelines scripts tests train.py
+	$(VENV)/bin/lint-imports

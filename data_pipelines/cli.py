@@ -1,7 +1,9 @@
-"""``python -m data_pipelines COMMAND ...``: converters, synthetic data, pseudo-labels, inspection.
+"""``sambridge data COMMAND ...`` (or ``python -m data_pipelines``): converters, synthetic data, inspection.
 
 Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
 imported only when their command runs, so one command's heavy or broken imports never affect another.
+:func:`run_command` runs such a module as a program of its own (``sambridge pseudo-label``, which
+runs a model and so lives in ``sambridge``, not here: docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
                          "images + a folder of binary masks per image (one file per instance) -> shards"),
     "synthetic": ("data_pipelines.synthetic", "generate synthetic shards"),
     "orchard": ("data_pipelines.orchard", "generate orchard-like field images (unlabelled folder or labelled shards)"),
-    "pseudo-label": ("data_pipelines.pseudo_label", "label images or shards with a SAM3 teacher -> shards"),
     "inspect": ("data_pipelines.inspect",
                 "validate shards against their manifest, print statistics, draw a grid"),
 }
+
+
+MOVED: dict[str, str] = {"pseudo-label": "sambridge.pseudo_label"}
+"""Commands that moved to ``sambridge NAME``: name -> the module that runs them now (its ``main(argv)``).
+``sambridge data NAME`` still forwards to it, with a deprecation line. The module is named by string and
+imported only then, so this package imports no ``sambridge`` code (the layers contract in pyproject.toml)."""
 
 
 PROG = "sambridge data"
@@ -70,7 +77,29 @@ def build_parser(command: str | None = None, prog: str = PROG) -> argparse.Argum
         sub = commands.add_parser(name, help=help_text, description=module.__doc__ or help_text,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
+    for name in MOVED:
+        commands.add_parser(name, help=f"deprecated: moved to `sambridge {name}` (forwarded there)")
     return parser
+
+
+def run_command(module: ModuleType, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run one command module as a program of its own named ``prog`` (its docstring is the help);
+    returns its exit code, 2 for bad input, as :func:`main` does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=prog, description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join([*shlex.split(parser.prog), *argv])
+    return _run(module, args)
+
+
+def _run(module: ModuleType, args: argparse.Namespace) -> int:
+    try:
+        return int(module.run(args))
+    except (InputError, SampleError, ResumeMismatchError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
@@ -80,11 +109,11 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     lines and the command line a manifest records say the same.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in MOVED:
+        print(f"warning: `{prog} {argv[0]}` is deprecated, use `sambridge {argv[0]}` (running it now)",
+              file=sys.stderr)
+        return int(importlib.import_module(MOVED[argv[0]]).main(argv[1:]))
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command, prog).parse_args(argv)
     args.command_line = shlex.join([*shlex.split(prog), *argv])
-    try:
-        return int(load_command(args.command).run(args))
-    except (InputError, SampleError, ResumeMismatchError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return _run(load_command(args.command), args)

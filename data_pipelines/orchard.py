@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from data_pipelines.atomic import atomic_write
 from data_pipelines.convert.common import instance_from_crop
 from data_pipelines.schema import Query, Sample, encode_image
+from data_pipelines.writer import add_sink_arguments, sink_from_args
 
 RGB = tuple[int, int, int]
 
@@ -345,8 +346,6 @@ def write_images(out_dir: str | os.PathLike, config: OrchardConfig, num: int, se
 # ----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m data_pipelines orchard``."""
-    from data_pipelines.writer import add_sink_arguments
-
     add_sink_arguments(parser, default_prefix="orchard")
     parser.add_argument("--num", type=int, required=True, help="images to generate")
     parser.add_argument("--image-size", type=int, nargs="+", default=[128], metavar="SIDE",
@@ -367,8 +366,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the images or shards; returns the exit code."""
-    from data_pipelines.writer import sink_from_args
-
     if len(args.image_size) not in (1, 2) or args.num < 0:
         print(f"error: --image-size takes SIDE or HEIGHT WIDTH and --num must be >= 0, got "
               f"{args.image_size} and {args.num}", file=sys.stderr)

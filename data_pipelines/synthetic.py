@@ -451,7 +451,7 @@ def generate_synthetic(out_dir: str | Path, *, image_size: int | Sequence[int] =
         overwrite: replace existing shard sets instead of refusing.
         **config: further :class:`SyntheticConfig` fields (``textures``, ``heldout``, ``objects``...).
     """
-    from data_pipelines.writer import ShardSink
+    from data_pipelines.writer import ShardSink  # lazy: see add_arguments
 
     settings = _config_from(image_size, **config)
     counts = {"train": num_train, "val": num_val, "heldout": num_heldout}
@@ -478,6 +478,8 @@ class _ImageSize(argparse.Action):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m data_pipelines synthetic``."""
+    # lazy, for import time: the writer imports webdataset and with it torch (~3 s); generating samples
+    # (the demo, tests, the DataModule's tests) does not need it
     from data_pipelines.writer import add_sink_arguments
 
     add_sink_arguments(parser, default_prefix="{split}")
@@ -506,7 +508,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the three splits below ``--out`` (shards ``{split}-000000.tar``); returns the exit code."""
-    from data_pipelines.writer import sink_from_args
+    from data_pipelines.writer import sink_from_args  # lazy: see add_arguments
 
     try:
         config = _config_from(args.image_size, kinds=tuple(args.kinds), colours=tuple(args.colours),

@@ -3,8 +3,10 @@
     python train.py fit --config configs/demo/grounding_tiny.yaml
     sambridge fit|validate|test|predict --config ...   (the same CLI)
     python train.py fit --config ... --ckpt_path auto  (resume from the furthest complete checkpoint)
-    sambridge data coco|saco|mask-folder|synthetic|inspect ...
+    sambridge data coco|saco|mask-folder|instance-folders|synthetic|orchard|inspect ...
+    sambridge pseudo-label --teacher checkpoints/sam3.pt --images DIR --vocabulary FILE --out DIR
     sambridge evaluate --gt GT.json --pred PRED.json
+    sambridge export --checkpoint last.ckpt --out student.pt
     sambridge demo
 
 A user error (a missing file, a bad checkpoint, shard or annotation) ends any of them with one line,
@@ -29,6 +31,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+# The sambridge and data imports inside functions below are lazy for start-up time, not for cycles:
+# training code pulls in the models (sam2, sam3, open_clip: seconds), which the tool commands and
+# `--help` do not need. Tool commands are imported by name when they run (TOOL_COMMANDS).
+
 IMPORTED_AT = time.time()
 """When this module (and with it torch and Lightning) finished importing: the ``imports`` mark of
 :class:`sambridge.callbacks.timeline.Timeline`."""
@@ -36,6 +42,7 @@ IMPORTED_AT = time.time()
 # tool commands: name -> (module, one-line help); each module has main(argv) -> int | None
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data_pipelines.cli", "convert, generate and inspect shards"),
+    "pseudo-label": ("sambridge.pseudo_label", "label images or shards with a SAM3 teacher -> shards"),
     "evaluate": ("sambridge.evaluate", "SA-Co / COCO metrics on GT and prediction files"),
     "demo": ("sambridge.demo", "train the tiny Grounded SAM2 on synthetic shards and report"),
     "export": ("sambridge.export", "write a standalone student file from a training checkpoint"),
@@ -67,7 +74,7 @@ class SambridgeCLI(LightningCLI):
                               apply_on="parse")
 
     def parse_arguments(self, parser, args) -> None:  # noqa: D102
-        from sambridge.checkpointing import AUTO, check_checkpoint
+        from sambridge.checkpointing import AUTO, check_checkpoint  # lazy: start-up time (see top)
 
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
@@ -77,7 +84,7 @@ class SambridgeCLI(LightningCLI):
             check_checkpoint(requested)  # before Lightning unpickles it for its hyper-parameters
 
     def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
-        from sambridge.callbacks.data_health import DataHealth
+        from sambridge.callbacks.data_health import DataHealth  # lazy: start-up time (see top)
         from sambridge.checkpointing import use_atomic_checkpoint_io
 
         trainer = super().instantiate_trainer(**kwargs)
@@ -108,7 +115,7 @@ class SambridgeCLI(LightningCLI):
 
     def _mark_timeline(self) -> None:
         """Give ``Timeline`` callbacks the start-up marks only the CLI sees: imports done, classes built."""
-        from sambridge.callbacks.timeline import Timeline
+        from sambridge.callbacks.timeline import Timeline  # lazy: start-up time (see top)
 
         for callback in self.trainer.callbacks:
             if isinstance(callback, Timeline):
@@ -116,7 +123,7 @@ class SambridgeCLI(LightningCLI):
                 callback.mark("built", self._built_at)
 
     def _resolve_ckpt_path(self) -> None:
-        from sambridge.checkpointing import AUTO, checkpoint_step, resolve_resume_checkpoint
+        from sambridge.checkpointing import AUTO, checkpoint_step, resolve_resume_checkpoint  # lazy: start-up
 
         config = self.config_init[self.subcommand]
         requested = config.get("ckpt_path")
@@ -145,7 +152,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> SambridgeC
     """Build (and by default run) the training CLI; ``args`` as on the command line."""
     from lightning.pytorch import LightningDataModule
 
-    from sambridge.modules import BaseTask
+    from sambridge.modules import BaseTask  # lazy: start-up time (see top)
 
     return SambridgeCLI(
         BaseTask,
@@ -169,6 +176,7 @@ def user_error(error: BaseException) -> BaseException | None:
     wrapping of a failed instantiation): a missing file, an output that exists, or a bad checkpoint,
     shard, sample, annotation or vocabulary. ``None`` for anything else: a bug, which keeps its
     traceback."""
+    # lazy: start-up time (see top); only needed once something failed
     from data_pipelines.convert.common import InputError
     from data_pipelines.datamodule import MissingSplitError
     from data_pipelines.pipeline import ShardReadError
@@ -212,7 +220,7 @@ def _run(argv: list[str], called: bool) -> int:
     if argv and argv[0] in TOOL_COMMANDS:
         return _tool(argv[0])(argv[1:]) or 0
     if argv and argv[0] in ("-h", "--help"):
-        tools = "\n".join(f"  {name:10s} {help_}" for name, (_, help_) in TOOL_COMMANDS.items())
+        tools = "\n".join(f"  {name:12s} {help_}" for name, (_, help_) in TOOL_COMMANDS.items())
         print(f"tool commands (sambridge COMMAND --help):\n{tools}\n\ntraining commands:")
     if not called:
         sys.argv[1:] = argv  # without --debug, which Lightning's parser does not know

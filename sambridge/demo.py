@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from data_pipelines.synthetic import SPLITS, generate_synthetic
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "demo" / "grounding_tiny.yaml"
 #: What ``python -m data_pipelines synthetic --out data/synthetic_demo --kinds circle square triangle star
@@ -43,8 +45,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def ensure_synthetic(data_dir: Path, num_train: int) -> None:
     """Generate the synthetic shards unless all three splits are complete."""
-    from data_pipelines.synthetic import SPLITS, generate_synthetic
-
     if all((data_dir / split / "manifest.json").exists() for split in SPLITS):
         print(f"using synthetic shards in {data_dir}")
         return
@@ -68,6 +68,7 @@ def format_summary(before: dict[str, dict[str, float]], after: dict[str, dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # lazy: parse (and answer --help) before loading the models and Lightning
     from sambridge.callbacks import PredictionWriter
     from sambridge.cli import lightning_cli
 

@@ -16,23 +16,42 @@ evaluated; the rest are counted as ``num_skipped``.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import webdataset as wds
+from PIL import Image
+from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from data_pipelines.atomic import write_json_atomic
+from data_pipelines.pipeline import resolve_shards
+from data_pipelines.schema import sample_from_wds
+from data_pipelines.writer import MANIFEST
 from sambridge.metrics.ap import DEFAULT_MAX_DETS, average_precision
 from sambridge.metrics.calibration import Calibration, calibration
 from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD, IOU_THRESHOLDS, select_oracle, true_positives
 from sambridge.metrics.masks import rle_ious, rle_union_overlap
 from sambridge.metrics.queries import QueryMatch, QueryTable, count_duplicates, match_query, stack_ap_records
 from sambridge.metrics.saco import SacoGroundTruth, gc_paused, load_ground_truth, load_predictions
+from sambridge.report import (
+    QueryView,
+    compare_phrase_rows,
+    query_grid_figure,
+    rank_queries,
+    reliability_figure,
+    save_figure,
+    write_phrase_table,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Metrics the printed summary shows, in order (the JSON has them all).
 HEADLINE = ("cgF1", "pmF1", "IL_MCC", "cgF1@0.5", "cgF1@0.75", "positive_macro_F1", "IL_F1", "AP", "AP50",
@@ -191,6 +210,89 @@ def format_comparison(metrics: dict[str, float], reference: dict[str, float], na
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# best/worst grid of a file evaluation
+# ----------------------------------------------------------------------------------------------
+def _decode(rles: Sequence[dict[str, Any]], height: int, width: int) -> np.ndarray:
+    if not rles:
+        return np.zeros((0, height, width), dtype=bool)
+    return np.moveaxis(mask_utils.decode(list(rles)), -1, 0).astype(bool)
+
+
+def _image_reader(image_root: Path, entries: Sequence[dict[str, Any]]
+                  ) -> Callable[[dict[str, Any]], tuple[np.ndarray, str]]:
+    """Reads the image of a ground-truth entry: ``(RGB array, where it came from)``."""
+    if (image_root / MANIFEST).is_file():
+        wanted = {entry.get("sample_key") for entry in entries} - {None}
+        found: dict[str, bytes] = {}
+        for url in resolve_shards(str(image_root)).urls:  # raw records: only the wanted ones are decoded
+            for record in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+                if record["__key__"] in wanted:
+                    found[record["__key__"]] = sample_from_wds(record, source=url).image
+            if len(found) == len(wanted):
+                break
+
+        def from_shards(entry: dict[str, Any]) -> tuple[np.ndarray, str]:
+            key = entry.get("sample_key")
+            if key not in found:
+                raise FileNotFoundError(f"query {entry['id']} ({entry['text_input']!r}): sample {key!r} is not "
+                                        f"in the shards of {image_root}")
+            with Image.open(io.BytesIO(found[key])) as img:
+                return np.asarray(img.convert("RGB")), f"{image_root} sample {key!r}"
+        return from_shards
+
+    def from_files(entry: dict[str, Any]) -> tuple[np.ndarray, str]:
+        path = image_root / entry.get("file_name", "")
+        if not path.is_file():
+            raise FileNotFoundError(f"query {entry['id']} ({entry['text_input']!r}): image {path} not found "
+                                    f"(file_name {entry.get('file_name')!r} under {image_root})")
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB")), str(path)
+    return from_files
+
+
+def saco_query_grid(evaluation: Evaluation, gts: Sequence[SacoGroundTruth],
+                    predictions: Sequence[dict[str, Any]], image_root: str | Path, num_queries: int = 4,
+                    score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> Figure:
+    """The best/worst grid of a file evaluation, images read from ``image_root / file_name`` or, when
+    ``image_root`` is a shard directory (it holds ``manifest.json``), from its samples.
+
+    Args:
+        evaluation: the result of :func:`evaluate_saco`.
+        gts: the ground-truth versions it was evaluated against.
+        predictions: the predictions it evaluated.
+        image_root: folder the ground truth's ``file_name`` paths are relative to, or the shard
+            directory the ground truth was predicted from (images found by ``sample_key``).
+        num_queries: best and worst queries to show (each).
+        score_threshold: predictions drawn are those scoring at least this.
+    """
+    table = evaluation.queries
+    quality, iou = table.quality(), table.iou()
+    best, worst = rank_queries(quality, num_queries)
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for pred in predictions:
+        if pred["score"] >= score_threshold:
+            by_image.setdefault(pred["image_id"], []).append(pred["segmentation"])
+
+    shown = [*best, *worst]
+    read_image = _image_reader(Path(image_root), [gts[0].images[table.image_ids[q]] for q in shown])
+
+    def view(q: int) -> QueryView:
+        image_id = table.image_ids[q]
+        entry = gts[0].images[image_id]
+        image, path = read_image(entry)
+        h, w = entry["height"], entry["width"]
+        if image.shape[:2] != (h, w):
+            raise ValueError(f"query {image_id}: image {path} is {image.shape[1]}x{image.shape[0]} but the "
+                             f"ground truth says {w}x{h}")
+        return QueryView(image=image, phrase=entry["text_input"],
+                         gt_masks=_decode(gts[evaluation.gt_version[q]].instances[image_id], h, w),
+                         pred_masks=_decode(by_image.get(image_id, []), h, w),
+                         caption=f"F1 {quality[q]:.2f}  IoU {iou[q]:.2f}  (id {image_id})")
+
+    return query_grid_figure([view(q) for q in best], [view(q) for q in worst])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sambridge evaluate",
@@ -246,8 +348,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json_atomic(args.out, result)
         print(f"metrics written to {args.out}")
     if args.per_phrase:
-        from sambridge.report import compare_phrase_rows, write_phrase_table
-
         markdown = Path(args.per_phrase).with_suffix(".md")
         if reference is None:
             write_phrase_table(evaluation.per_phrase(), args.per_phrase, markdown)
@@ -256,16 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_phrase_table(rows, args.per_phrase, markdown, columns=columns)
         print(f"per-phrase table written to {args.per_phrase} and {markdown}")
     if args.calibration:
-        from sambridge.report import reliability_figure, save_figure
-
         curves = {"model": evaluation.calibration}
         if reference is not None:
             curves[args.baseline_name] = reference.calibration
         save_figure(reliability_figure(curves), args.calibration)
         print(f"reliability diagram written to {args.calibration}")
     if args.grid:
-        from sambridge.report import saco_query_grid, save_figure
-
         figure = saco_query_grid(evaluation, gts, predictions, image_root=args.image_root,
                                  num_queries=args.grid_queries, score_threshold=args.score_threshold)
         save_figure(figure, args.grid)

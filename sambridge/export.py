@@ -3,10 +3,10 @@
     sambridge export --checkpoint runs/distill/checkpoints/last.ckpt --out student.pt
 
 Reads a Lightning checkpoint of a ``DistillModule`` or ``GroundingModule`` (``weights_only``: only
-sambridge's own config dataclasses are allowed besides plain data), rebuilds the trained model from
-its registered name and build arguments, merges LoRA adapters, and writes weights + name + build
-arguments (:mod:`sambridge.models.standalone`). The file is then loaded back and must predict
-exactly what the trained model predicts, or nothing is written. Load it with
+sambridge's own config dataclasses are allowed besides plain data; :mod:`sambridge.modules.checkpoint`),
+rebuilds the trained model from its registered name and build arguments, merges LoRA adapters, and
+writes weights + name + build arguments (:mod:`sambridge.models.standalone`). The file is then loaded
+back and must predict exactly what the trained model predicts, or nothing is written. Load it with
 ``sambridge.models.load_student(path)``: no teacher, optimiser state or Lightning needed.
 """
 
@@ -22,51 +22,22 @@ import open_clip
 import torch
 from torch import nn
 
-from sambridge.models.checkpoint_io import CheckpointError, load_state_dict_strict, read_weights
+from sambridge.models import (
+    CheckpointError,
+    LoraSettings,
+    apply_finetune_mode,
+    create_model,
+    load_student,
+    merge_lora,
+    save_adapters,
+    save_student,
+)
+from sambridge.models.checkpoint_io import load_state_dict_strict
+from sambridge.models.standalone import architecture_args
+from sambridge.modules.checkpoint import MODEL_PREFIX, model_state, read_lightning_checkpoint, trained_model_spec
+from sambridge.modules.grounding import apply_prediction_settings
 
-STUDENT_SPEC_KEY = "sambridge_student"
-"""Checkpoint entry ``{"model": name, "model_args": {...}}`` naming the trained model (``DistillModule``
-writes it); without it the ``GroundingModule`` hyper-parameters are read (``image_size`` is the model's)."""
-
-_MODEL_PREFIX = "model."
 _PROBE_PHRASES = ("object", "red thing")
-
-
-def config_dataclasses() -> list[type]:
-    """sambridge's config dataclasses that Lightning pickles into ``hyper_parameters``."""
-    from sambridge.losses.distill import DistillWeights
-    from sambridge.models.grounding_head import HeadConfig
-    from sambridge.models.lora import LoraSettings
-    from sambridge.modules.grounding import GroundingLossWeights, PredictSettings
-    from sambridge.optim import OptimizerConfig
-
-    return [OptimizerConfig, LoraSettings, GroundingLossWeights, PredictSettings, DistillWeights, HeadConfig]
-
-
-def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A Lightning checkpoint read with ``weights_only=True`` (plus sambridge's config dataclasses)."""
-    with torch.serialization.safe_globals(config_dataclasses()):
-        blob = read_weights(path, "Lightning checkpoint")
-    if not isinstance(blob, dict) or "state_dict" not in blob or "hyper_parameters" not in blob:
-        keys = sorted(blob)[:5] if isinstance(blob, dict) else type(blob).__name__
-        raise CheckpointError(
-            f"{path} is not a Lightning checkpoint of a sambridge module (top level: {keys})"
-        )
-    return blob
-
-
-def trained_model_spec(checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(registered name, ``create_model`` overrides) of the model a checkpoint trained."""
-    if STUDENT_SPEC_KEY in checkpoint:
-        spec = checkpoint[STUDENT_SPEC_KEY]
-        return spec["model"], dict(spec["model_args"])
-    hparams = checkpoint["hyper_parameters"]
-    if "model" not in hparams:
-        raise CheckpointError(f"checkpoint hyper-parameters name no model (keys: {sorted(hparams)})")
-    args = dict(hparams.get("model_args") or {})
-    if hparams.get("image_size") is not None:
-        args["image_size"] = hparams["image_size"]
-    return hparams["model"], args
 
 
 def _check_rebuildable(model_args: dict[str, Any], model: nn.Module) -> None:
@@ -90,10 +61,6 @@ def model_from_checkpoint(path: str | os.PathLike, merge: bool = True) -> tuple[
         path: Checkpoint of a ``DistillModule`` or ``GroundingModule``.
         merge: merge LoRA adapters into the base weights (otherwise they stay peft layers).
     """
-    from sambridge.models import apply_finetune_mode, create_model, merge_lora
-    from sambridge.models.lora import LoraSettings
-    from sambridge.models.standalone import architecture_args
-
     checkpoint = read_lightning_checkpoint(path)
     name, model_args = trained_model_spec(checkpoint)
     model = create_model(name, **architecture_args(model_args))
@@ -102,15 +69,10 @@ def model_from_checkpoint(path: str | os.PathLike, merge: bool = True) -> tuple[
     lora = hparams.get("finetune") == "lora"
     if lora:
         apply_finetune_mode(model, "lora", lora=hparams.get("lora") or LoraSettings())
-    state = {
-        k[len(_MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_MODEL_PREFIX)
-    }
-    load_state_dict_strict(model, state, f"checkpoint {path} ({_MODEL_PREFIX}* entries)")
+    load_state_dict_strict(model, model_state(checkpoint), f"checkpoint {path} ({MODEL_PREFIX}* entries)")
     if lora and merge:
         merge_lora(model)
     if hasattr(model, "refine_masks"):  # the mask source, outputs and NMS the run validated with
-        from sambridge.modules.grounding import apply_prediction_settings
-
         apply_prediction_settings(model, hparams.get("sam2_checkpoint"), hparams.get("prediction"))
     return model.eval(), name, model_args
 
@@ -133,8 +95,6 @@ def export_student(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pat
         CheckpointError: unreadable checkpoint, or a file that would not reproduce the model
             (then nothing is left at ``out``).
     """
-    from sambridge.models.standalone import load_student, save_student
-
     model, name, model_args = model_from_checkpoint(checkpoint)
     out = Path(out)
     if out.exists():
@@ -157,8 +117,6 @@ def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pa
     The file (``sambridge.models.save_adapters`` format, a few MiB) goes back onto the base model the
     run started from (the same official checkpoint) with ``sambridge.models.load_adapters``.
     """
-    from sambridge.models import save_adapters
-
     model, _, _ = model_from_checkpoint(checkpoint, merge=False)
     if getattr(model, "lora_settings", None) is None:
         raise CheckpointError(f"{checkpoint} was not trained with finetune: lora; it has no adapters to export")

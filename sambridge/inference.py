@@ -11,7 +11,11 @@ import torch
 from torch import nn
 
 from data_pipelines.augment import AugmentConfig, sample_geometry, warp_image
+from data_pipelines.schema import decode_rle
 from data_pipelines.tiling import TilingConfig, predict_tiled
+from sambridge.export import model_from_checkpoint
+from sambridge.models import load_student
+from sambridge.modules.checkpoint import CONFIG_CLASSES, is_lightning_checkpoint
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -22,17 +26,14 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     trained model, so a distillation checkpoint needs neither its teacher nor the weight files it
     started from. Everything loads with ``weights_only=True``.
     """
-    from sambridge.export import config_dataclasses, model_from_checkpoint
-    from sambridge.models import load_student
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     checkpoint = None
     if path.suffix != ".safetensors":
-        with torch.serialization.safe_globals(config_dataclasses()):
+        with torch.serialization.safe_globals(list(CONFIG_CLASSES)):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint and "hyper_parameters" in checkpoint:
+    if is_lightning_checkpoint(checkpoint):
         model, _, _ = model_from_checkpoint(path)
         return model.to(map_location).eval()
     return load_student(path, device=map_location).eval()
@@ -100,8 +101,6 @@ class Segmenter:
             return [[(s.mask, s.score) for s in found] for found in self.segment(tile, tile_phrases)]
 
         merged = predict_tiled(image, list(phrases), predict_tile, tiling, progress=progress)
-        from data_pipelines.schema import decode_rle
-
         results = []
         for phrase in phrases:
             found = []

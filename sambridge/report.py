@@ -4,33 +4,27 @@ The grid shows one query per row (image, ground-truth overlay, prediction overla
 first, then the worst, ranked by :meth:`sambridge.metrics.QueryTable.quality`. Figures are built
 with matplotlib's object API on the Agg canvas (no pyplot, no GUI, no global backend switch) and
 can be logged to a Lightning ``WandbLogger`` or ``TensorBoardLogger``.
+
+Shared by the ``EvaluationReport`` callback (during training) and ``sambridge evaluate`` (from files;
+its ``saco_query_grid`` reads the images), so it sits in the training layer (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import webdataset as wds
-from PIL import Image
-from pycocotools import mask as mask_utils
 
 from data_pipelines.atomic import atomic_write
-from data_pipelines.pipeline import resolve_shards
-from data_pipelines.schema import sample_from_wds
-from data_pipelines.writer import MANIFEST
-from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD
-from sambridge.metrics.saco import SacoGroundTruth
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from sambridge.evaluate import Evaluation
     from sambridge.metrics.calibration import Calibration
 
 #: Columns of the per-phrase table (:meth:`sambridge.metrics.QueryTable.per_phrase`), in order.
@@ -223,83 +217,3 @@ def log_figure(logger: Any, figure: Figure, key: str, step: int | None = None) -
         logger.experiment.add_image(key, figure_array(figure), global_step=step, dataformats="HWC")
         return True
     return False
-
-
-def _decode(rles: Sequence[dict[str, Any]], height: int, width: int) -> np.ndarray:
-    if not rles:
-        return np.zeros((0, height, width), dtype=bool)
-    return np.moveaxis(mask_utils.decode(list(rles)), -1, 0).astype(bool)
-
-
-def _image_reader(image_root: Path, entries: Sequence[dict[str, Any]]
-                  ) -> Callable[[dict[str, Any]], tuple[np.ndarray, str]]:
-    """Reads the image of a ground-truth entry: ``(RGB array, where it came from)``."""
-    if (image_root / MANIFEST).is_file():
-        wanted = {entry.get("sample_key") for entry in entries} - {None}
-        found: dict[str, bytes] = {}
-        for url in resolve_shards(str(image_root)).urls:  # raw records: only the wanted ones are decoded
-            for record in wds.WebDataset(url, shardshuffle=False, empty_check=False):
-                if record["__key__"] in wanted:
-                    found[record["__key__"]] = sample_from_wds(record, source=url).image
-            if len(found) == len(wanted):
-                break
-
-        def from_shards(entry: dict[str, Any]) -> tuple[np.ndarray, str]:
-            key = entry.get("sample_key")
-            if key not in found:
-                raise FileNotFoundError(f"query {entry['id']} ({entry['text_input']!r}): sample {key!r} is not "
-                                        f"in the shards of {image_root}")
-            with Image.open(io.BytesIO(found[key])) as img:
-                return np.asarray(img.convert("RGB")), f"{image_root} sample {key!r}"
-        return from_shards
-
-    def from_files(entry: dict[str, Any]) -> tuple[np.ndarray, str]:
-        path = image_root / entry.get("file_name", "")
-        if not path.is_file():
-            raise FileNotFoundError(f"query {entry['id']} ({entry['text_input']!r}): image {path} not found "
-                                    f"(file_name {entry.get('file_name')!r} under {image_root})")
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB")), str(path)
-    return from_files
-
-
-def saco_query_grid(evaluation: Evaluation, gts: Sequence[SacoGroundTruth],
-                    predictions: Sequence[dict[str, Any]], image_root: str | Path, num_queries: int = 4,
-                    score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> Figure:
-    """The best/worst grid of a file evaluation, images read from ``image_root / file_name`` or, when
-    ``image_root`` is a shard directory (it holds ``manifest.json``), from its samples.
-
-    Args:
-        evaluation: the result of :func:`sambridge.evaluate.evaluate_saco`.
-        gts: the ground-truth versions it was evaluated against.
-        predictions: the predictions it evaluated.
-        image_root: folder the ground truth's ``file_name`` paths are relative to, or the shard
-            directory the ground truth was predicted from (images found by ``sample_key``).
-        num_queries: best and worst queries to show (each).
-        score_threshold: predictions drawn are those scoring at least this.
-    """
-    table = evaluation.queries
-    quality, iou = table.quality(), table.iou()
-    best, worst = rank_queries(quality, num_queries)
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for pred in predictions:
-        if pred["score"] >= score_threshold:
-            by_image.setdefault(pred["image_id"], []).append(pred["segmentation"])
-
-    shown = [*best, *worst]
-    read_image = _image_reader(Path(image_root), [gts[0].images[table.image_ids[q]] for q in shown])
-
-    def view(q: int) -> QueryView:
-        image_id = table.image_ids[q]
-        entry = gts[0].images[image_id]
-        image, path = read_image(entry)
-        h, w = entry["height"], entry["width"]
-        if image.shape[:2] != (h, w):
-            raise ValueError(f"query {image_id}: image {path} is {image.shape[1]}x{image.shape[0]} but the "
-                             f"ground truth says {w}x{h}")
-        return QueryView(image=image, phrase=entry["text_input"],
-                         gt_masks=_decode(gts[evaluation.gt_version[q]].instances[image_id], h, w),
-                         pred_masks=_decode(by_image.get(image_id, []), h, w),
-                         caption=f"F1 {quality[q]:.2f}  IoU {iou[q]:.2f}  (id {image_id})")
-
-    return query_grid_figure([view(q) for q in best], [view(q) for q in worst])

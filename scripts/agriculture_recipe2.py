@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher = str(teacher_dir / "checkpoints" / "last.ckpt")
 
     pseudo = data / "pseudo"
-    label = [py, "-m", "data_pipelines", "pseudo-label", "--teacher", teacher, "--vocabulary", VOCABULARY,
+    label = [py, "-m", "sambridge", "pseudo-label", "--teacher", teacher, "--vocabulary", VOCABULARY,
              "--device", "cpu", "--no-progress", "--overwrite", "--max-count", "32"]
     steps.run("3 pseudo-label",
               [*label, "--images", str(data / "images" / "train"), "--out", str(pseudo / "train")],

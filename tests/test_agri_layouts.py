@@ -17,8 +17,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from shard_helpers import write_image
 
-from data_pipelines.bands import BandSelection, read_bands, stretch_to_uint8
 from data_pipelines.cli import main
+from data_pipelines.convert.bands import BandSelection, read_bands, stretch_to_uint8
 from data_pipelines.convert.common import InputError, SkipItem
 from data_pipelines.convert.instance_folders import InstanceFoldersConverter
 from data_pipelines.convert.mask_folder import MaskFolderConverter

@@ -9,10 +9,10 @@ import torch
 
 from data_pipelines.synthetic import generate_synthetic
 from sambridge.cli import lightning_cli, main
-from sambridge.export import read_lightning_checkpoint
 from sambridge.losses.distill import DistillWeights
 from sambridge.models import load_student
 from sambridge.modules import DistillModule
+from sambridge.modules.checkpoint import read_lightning_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DISTILL_CONFIGS = [

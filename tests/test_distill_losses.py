@@ -10,10 +10,9 @@ from sambridge.losses.distill import (
     DistillLoss,
     DistillWeights,
     bernoulli_kl,
-    pooled_query_features,
     soft_dice_loss,
 )
-from sambridge.models.teacher_targets import select_teacher_targets
+from sambridge.models.teacher_targets import pooled_query_features, select_teacher_targets
 
 Q, K, M = 5, 8, 16
 KD_TERMS = ("kd_presence", "kd_score", "kd_box_l1", "kd_box_giou", "kd_mask_bce", "kd_mask_dice")

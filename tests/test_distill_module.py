@@ -10,9 +10,9 @@ from data_pipelines.augment import AugmentConfig
 from data_pipelines.batch import GroundingBatch
 from data_pipelines.collate import QueryPolicy, SampleTransform, collate_samples
 from data_pipelines.schema import Query, Sample, encode_image, instance_from_mask
-from sambridge.losses.distill import DistillWeights, pooled_query_features
+from sambridge.losses.distill import DistillWeights
 from sambridge.models.checkpoint_io import CheckpointError
-from sambridge.models.teacher_targets import encode_teacher_file, select_teacher_targets
+from sambridge.models.teacher_targets import encode_teacher_file, pooled_query_features, select_teacher_targets
 from sambridge.modules import DistillModule
 
 SIZE = 128

@@ -16,13 +16,14 @@ from torch.utils.data import DataLoader
 
 from data_pipelines.batch import GroundingBatch
 from sambridge.cli import main
-from sambridge.export import export_student, read_lightning_checkpoint
+from sambridge.export import export_student
 from sambridge.inference import load_model
 from sambridge.models import create_model, load_adapters, load_student
 from sambridge.models.checkpoint_io import CheckpointError
 from sambridge.models.lora import has_lora
 from sambridge.models.standalone import STUDENT_FORMAT, read_student
 from sambridge.modules import DistillModule, GroundingModule
+from sambridge.modules.checkpoint import read_lightning_checkpoint
 
 
 def fit_one_step(module: pl.LightningModule, batch: GroundingBatch, path: Path,

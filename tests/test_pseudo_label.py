@@ -13,19 +13,21 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from data_pipelines.augment import AugmentConfig, sample_geometry, warp_image, warp_masks
-from data_pipelines.cli import main
 from data_pipelines.collate import QueryPolicy, SampleTransform
 from data_pipelines.inspect import inspect_shards, iter_samples
-from data_pipelines.pseudo_label import (
+from data_pipelines.schema import decode_rle
+from sambridge.models import create_model
+from sambridge.models.teacher_targets import pooled_query_features, select_teacher_targets
+from sambridge.modules import load_teacher
+from sambridge.pseudo_label import (
     SETTINGS_FILE,
+    ImageFolderSource,
     LabelSettings,
     PseudoLabeler,
     canvas_logits_to_image,
     label_query,
+    main,
 )
-from data_pipelines.schema import decode_rle
-from sambridge.models import create_model, load_teacher
-from sambridge.models.teacher_targets import select_teacher_targets
 
 # (height, width) of the test images: portrait, landscape, square, odd sizes
 SIZES = ((90, 60), (60, 90), (128, 128), (101, 47), (70, 70), (64, 100))
@@ -99,7 +101,7 @@ def thresholds(teacher, inputs) -> LabelSettings:
 
 def _label_args(teacher_file: Path, images: Path, vocab: Path, out: Path, settings: LabelSettings,
                 *extra: str) -> list[str]:
-    return ["pseudo-label", "--teacher", str(teacher_file), "--model", "sam3_image_tiny",
+    return ["--teacher", str(teacher_file), "--model", "sam3_image_tiny",
             "--images", str(images), "--vocabulary", str(vocab), "--out", str(out),
             "--max-count", "2", "--batch-size", "2",
             "--score-threshold", repr(settings.score_threshold),
@@ -198,6 +200,23 @@ def test_shards_round_trip_with_labels_that_follow_the_teacher(labelled, inputs,
     assert manifest["num_negatives"] == kinds["negative"]
 
 
+def test_the_command_is_sambridge_pseudo_label_and_the_data_cli_forwards(labelled, capsys):
+    from data_pipelines.cli import main as data_main
+    from sambridge.cli import main as sambridge_main
+
+    manifest = json.loads((labelled / "manifest.json").read_text())
+    assert manifest["command"].startswith("sambridge pseudo-label --teacher ")  # how to run it again
+    with pytest.raises(SystemExit) as info:
+        sambridge_main(["pseudo-label", "--help"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("usage: sambridge pseudo-label ")
+    with pytest.raises(SystemExit) as info:  # the old spelling still works, saying where it moved
+        data_main(["pseudo-label", "--help"], prog="python -m data_pipelines")
+    captured = capsys.readouterr()
+    assert info.value.code == 0 and captured.out.startswith("usage: sambridge pseudo-label ")
+    assert captured.err.startswith(
+        "warning: `python -m data_pipelines pseudo-label` is deprecated, use `sambridge pseudo-label`")
+
+
 class Interrupted(Exception):
     pass
 
@@ -247,7 +266,7 @@ def test_shard_input_keeps_its_labels_and_gains_soft_targets(teacher_file, tmp_p
     generate_synthetic(tmp_path / "synthetic", num_train=0, num_val=5, num_heldout=0, max_count=3)
     source = tmp_path / "synthetic" / "val"
     out = tmp_path / "val-pseudo"
-    assert main(["pseudo-label", "--teacher", str(teacher_file), "--model", "sam3_image_tiny", "--shards",
+    assert main(["--teacher", str(teacher_file), "--model", "sam3_image_tiny", "--shards",
                  str(source), "--keep-labels", "--out", str(out), "--batch-size", "3", "--no-progress"]) == 0
     before, after = list(iter_samples(source)), list(iter_samples(out))
     assert [s.key for s in after] == [s.key for s in before]
@@ -262,11 +281,10 @@ def test_shard_input_keeps_its_labels_and_gains_soft_targets(teacher_file, tmp_p
 
 def test_pooled_features_are_cached_for_offline_pooled_distillation(teacher_file, teacher, tmp_path):
     from data_pipelines.synthetic import generate_synthetic
-    from sambridge.losses.distill import pooled_query_features
 
     generate_synthetic(tmp_path / "synthetic", num_train=0, num_val=3, num_heldout=0, max_count=3)
     out = tmp_path / "pooled"
-    assert main(["pseudo-label", "--teacher", str(teacher_file), "--model", "sam3_image_tiny", "--shards",
+    assert main(["--teacher", str(teacher_file), "--model", "sam3_image_tiny", "--shards",
                  str(tmp_path / "synthetic" / "val"), "--keep-labels", "--pooled-features", "--out", str(out),
                  "--no-progress"]) == 0
     assert json.loads((out / SETTINGS_FILE).read_text())["labels"]["pooled_features"] is True
@@ -289,8 +307,6 @@ def test_images_are_encoded_once_per_batch(teacher, inputs, thresholds):
     calls = []
     hook = teacher.vision.trunk.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
-        from data_pipelines.pseudo_label import ImageFolderSource
-
         samples = list(ImageFolderSource(inputs[0]).items())[:3]
         labelled = labeler.label(samples)
     finally:

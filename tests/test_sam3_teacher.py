@@ -12,9 +12,9 @@ from sambridge.models import (
     create_model,
     list_models,
     load_sam3_checkpoint,
-    load_teacher,
 )
 from sambridge.models.sam3_teacher import SAM3Teacher
+from sambridge.modules.checkpoint import load_teacher
 
 SIZE = 128
 CORE_KEYS = (

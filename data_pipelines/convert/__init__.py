@@ -1,1 +1,3 @@
-"""Converters from public annotation formats to sambridge shards (one module per format)."""
+"""Converters from public annotation formats to sambridge shards (one module per format), with what they
+share: ``common`` (the ``Converter`` interface, image reading, writing) and ``bands`` (multispectral images
+-> 8-bit RGB)."""

@@ -47,7 +47,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from data_pipelines.bands import BandSelection, add_band_arguments, band_selection_from_args
+from data_pipelines.convert.bands import BandSelection, add_band_arguments, band_selection_from_args
 from data_pipelines.convert.common import (
     Converter,
     DropAnnotation,

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from data_pipelines.bands import BandSelection, add_band_arguments, band_selection_from_args
+from data_pipelines.convert.bands import BandSelection, add_band_arguments, band_selection_from_args
 from data_pipelines.convert.common import (
     Converter,
     DropAnnotation,

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from data_pipelines.bands import BandSelection, add_band_arguments, band_selection_from_args
+from data_pipelines.convert.bands import BandSelection, add_band_arguments, band_selection_from_args
 from data_pipelines.convert.common import (
     Converter,
     InputError,

@@ -24,7 +24,8 @@ Three levels, each term logged by name and weighted in ``DistillLoss`` (a weight
 * Features (``feat_mse``, ``feat_cos``): the student's stride-16 neck map through a learned 1x1
   adapter, resized to the teacher's grid, against the teacher's map (MSE per element, 1 - cosine
   per location); online only. ``pooled_mse``/``pooled_cos`` compare per-query pooled
-  fusion-encoder states (:func:`pooled_query_features`), which the offline cache can hold.
+  fusion-encoder states (:func:`sambridge.models.teacher_targets.pooled_query_features`), which the
+  offline cache can hold.
 
 * Text tokens (``text_mse``, ``text_cos``): the student's text-token features against the
   teacher's on tokens valid in both (SAM3-LiteText style); a learned linear adapter when the
@@ -65,12 +66,6 @@ def soft_dice_loss(student_prob: Tensor, teacher_prob: Tensor, smooth: float = 1
 def _xyxy(boxes_cxcywh: Tensor) -> Tensor:
     sides = boxes_cxcywh[..., 2:].clamp(min=_MIN_SIDE)
     return box_cxcywh_to_xyxy(torch.cat([boxes_cxcywh[..., :2], sides], dim=-1))
-
-
-def pooled_query_features(outputs: dict[str, Tensor]) -> Tensor:
-    """(Q, d) mean over image tokens of the fusion encoder's per-query states (``encoder_hidden_states``,
-    (HW, Q, d)): the pooled query-conditioned features a teacher file may cache as ``pooled_features``."""
-    return outputs["encoder_hidden_states"].float().mean(0)
 
 
 class TeacherMatcher(nn.Module):

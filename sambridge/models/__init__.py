@@ -18,7 +18,7 @@ from sambridge.models.lora import (
     save_adapters,
 )
 from sambridge.models.registry import create_model, list_models, register_model
-from sambridge.models.sam3_teacher import SAM3Teacher, load_sam3_checkpoint, load_teacher
+from sambridge.models.sam3_teacher import SAM3Teacher, load_sam3_checkpoint
 from sambridge.models.standalone import load_student, save_student
 from sambridge.models.variants import build_grounded_sam2
 from sambridge.models.vision import Sam2VisionAdapter, VisionAdapter
@@ -41,7 +41,6 @@ __all__ = [
     "load_adapters",
     "load_sam3_checkpoint",
     "load_student",
-    "load_teacher",
     "merge_lora",
     "register_model",
     "save_adapters",

@@ -123,7 +123,8 @@ def init_text_embeddings(text: VETextEncoder) -> None:
 class SAM3Teacher(GroundedSAM2):
     """SAM3's image detector with ``GroundedSAM2``'s interface (forward, postprocess, matching, groups).
 
-    Build it with ``create_model("sam3_image" | "sam3_image_tiny")`` or :func:`load_teacher`.
+    Build it with ``create_model("sam3_image" | "sam3_image_tiny")``, or load it with
+    ``sambridge.modules.checkpoint.load_teacher``.
     Differences from ``GroundedSAM2``: inputs are resized to ``image_size`` (a multiple of the ViT
     patch size, 1008 for SAM3) and normalised with mean = std = 0.5; there is no SAM2 prompt
     decoder (``refine`` is ignored, masks come from the head at stride p/4); it starts frozen.
@@ -269,7 +270,8 @@ def _official_state(blob: dict, source: str) -> dict[str, Tensor]:
     if not any(k.startswith(DETECTOR_PREFIX) for k in blob):
         raise CheckpointError(
             f"{source} has no '{DETECTOR_PREFIX}*' entries (first keys: {sorted(blob)[:5]}): not an official "
-            "SAM3 checkpoint; a sambridge training checkpoint of a teacher loads with load_teacher()"
+            "SAM3 checkpoint; a sambridge training checkpoint of a teacher loads with "
+            "sambridge.modules.checkpoint.load_teacher()"
         )
     return {k: v for k, v in blob.items() if not k.startswith(UNUSED_CHECKPOINT_PREFIXES)}
 
@@ -285,54 +287,29 @@ def load_sam3_checkpoint(teacher: SAM3Teacher, path: str | os.PathLike) -> SAM3T
     return teacher
 
 
-def _read_checkpoint(path: str | os.PathLike) -> dict:
-    """``read_weights`` allowing sambridge's config dataclasses (found in Lightning's hyper_parameters)."""
-    from sambridge.models.lora import LoraSettings
-    from sambridge.modules.grounding import GroundingLossWeights, PredictSettings
-    from sambridge.optim import OptimizerConfig
+def official_teacher(blob: dict, path: str | os.PathLike, model: str | None = None, **overrides) -> SAM3Teacher:
+    """The teacher ``model`` (default ``sam3_image``) built and loaded from an official SAM3 checkpoint's
+    contents ``blob`` (read from ``path``), strictly, tracker entries set aside; not yet frozen.
 
-    configs = [OptimizerConfig, LoraSettings, GroundingLossWeights, PredictSettings]
-    with torch.serialization.safe_globals(configs):
-        return read_weights(path, "teacher checkpoint")
-
-
-def load_teacher(
-    path: str | os.PathLike, model: str | None = None, device: torch.device | str = "cpu", **overrides
-) -> SAM3Teacher:
-    """A frozen SAM3 teacher from an official ``sam3.pt`` or a sambridge Lightning checkpoint.
+    A sambridge training checkpoint of a teacher loads with ``sambridge.modules.checkpoint.load_teacher``
+    (which takes either kind).
 
     Args:
-        path: An official SAM3 checkpoint (``detector.*``/``tracker.*`` keys), or a checkpoint
-            written by training a ``GroundingModule`` whose model is a SAM3 teacher (its
-            ``hyper_parameters`` name the registered model, its ``model_args`` and ``image_size``).
-        model: Registered teacher to build for an official checkpoint (default ``sam3_image``);
-            must agree with the model named in a Lightning checkpoint.
-        device: Where the teacher goes.
+        blob: What ``read_weights`` read from ``path``.
+        path: Where it came from (error messages).
+        model: Registered teacher to build (default ``sam3_image``).
         overrides: Further ``create_model`` overrides (e.g. ``bf16=False``).
     """
-    blob = _read_checkpoint(path)
-    if "state_dict" in blob and "hyper_parameters" in blob:
-        hparams = blob["hyper_parameters"]
-        name = hparams.get("model")
-        if model is not None and model != name:
-            raise ValueError(f"{path} holds a {name!r} model, not {model!r}")
-        _check_teacher_name(name, path)
-        kwargs = dict(hparams.get("model_args") or {})
-        if hparams.get("image_size") is not None:
-            kwargs["image_size"] = hparams["image_size"]
-        teacher = create_model(name, **{**kwargs, **overrides})
-        state = {k[len("model."):]: v for k, v in blob["state_dict"].items() if k.startswith("model.")}
-        load_state_dict_strict(teacher, state, f"GroundingModule checkpoint {path} (model.* entries)")
-    else:
-        name = model or SAM3_IMAGE
-        _check_teacher_name(name, path)
-        teacher = create_model(name, **overrides)
-        source = f"SAM3 checkpoint {path}"
-        load_state_dict_strict(teacher, _official_state(blob, source), source)
-    return teacher.freeze().to(device)
+    name = model or SAM3_IMAGE
+    check_teacher_name(name, path)
+    teacher = create_model(name, **overrides)
+    source = f"SAM3 checkpoint {path}"
+    load_state_dict_strict(teacher, _official_state(blob, source), source)
+    return teacher
 
 
-def _check_teacher_name(name: object, path: str | os.PathLike) -> None:
+def check_teacher_name(name: object, path: str | os.PathLike) -> None:
+    """Refuse a registered name that is not a SAM3 teacher (``path``: the checkpoint, for the message)."""
     if name not in TEACHER_MODELS:
         raise ValueError(f"{path}: model {name!r} is not a SAM3 teacher; teachers: {list(TEACHER_MODELS)} "
                          f"(registered models: {list_models()})")

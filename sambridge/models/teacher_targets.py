@@ -16,6 +16,7 @@ Per query (first dimension Q, one row per query of the sample json, in order)::
     presence_logit  (Q,)          fp16  the presence logit
     mask_logits     (Q, K, M, M)  fp16  their low-resolution mask logits
     pooled_features (Q, D)        fp16  optional: the teacher's pooled query-conditioned features
+                                        (:func:`pooled_query_features` of its outputs)
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ def select_teacher_targets(outputs: dict[str, Tensor], top_k: int = 16, mask_siz
     targets = {"logits": logits[rows, order], "boxes": outputs["pred_boxes"][rows, order].float(),
                "presence_logit": presence, "mask_logits": masks}
     return {name: value.to(STORAGE_DTYPE) for name, value in targets.items()}
+
+
+def pooled_query_features(outputs: dict[str, Tensor]) -> Tensor:
+    """(Q, d) mean over image tokens of the fusion encoder's per-query states (``encoder_hidden_states``,
+    (HW, Q, d)): the pooled query-conditioned features a teacher file may cache as ``pooled_features``."""
+    return outputs["encoder_hidden_states"].float().mean(0)
 
 
 def encode_teacher_file(targets: dict[str, Tensor]) -> bytes:

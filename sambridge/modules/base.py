@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sambridge.acceleration import checkpoint_image_encoder, compile_image_encoder
 from sambridge.optim import OptimizerConfig, build_optimizer
 
 Config = TypeVar("Config")
@@ -101,8 +102,6 @@ class BaseTask(pl.LightningModule):
     def configure_model(self) -> None:
         """Apply ``activation_checkpointing`` and ``compile`` to the image encoder (once; Lightning calls
         this hook at every fit/validate/test/predict, inside the strategy's set-up context)."""
-        from sambridge.acceleration import checkpoint_image_encoder, compile_image_encoder
-
         if self.checkpoint_encoder:
             checkpoint_image_encoder(self.model)
         if self.compile_encoder and not self._encoder_compiled:

@@ -28,10 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from data_pipelines.batch import GroundingBatch
-from sambridge.losses.distill import DistillLoss, DistillWeights, pooled_query_features, uses_terms
-from sambridge.models.lora import LoraSettings
-from sambridge.models.teacher_targets import STORAGE_DTYPE, select_teacher_targets
+from sambridge.losses import GroundingLoss
+from sambridge.losses.distill import DistillLoss, DistillWeights, uses_terms
+from sambridge.models import LoraSettings, apply_finetune_mode, create_model
+from sambridge.models.checkpoint_io import check_state_dict
+from sambridge.models.grounding_head import head_state_dict, with_own_query_selection
+from sambridge.models.teacher_targets import STORAGE_DTYPE, pooled_query_features, select_teacher_targets
 from sambridge.modules.base import config_arg
+from sambridge.modules.checkpoint import STUDENT_SPEC_KEY, load_teacher
 from sambridge.modules.grounding import (
     FinetuneMode,
     GroundingLossWeights,
@@ -124,8 +128,6 @@ class DistillModule(GroundingModule):
 
     # ------------------------------------------------------------------ configuration
     def configure_models(self) -> None:
-        from sambridge.models import apply_finetune_mode, create_model
-
         hp = self.hparams
         if hp.mode not in ("online", "offline"):
             raise ValueError(f"mode must be 'online' or 'offline', got {hp.mode!r}")
@@ -161,9 +163,6 @@ class DistillModule(GroundingModule):
             )
 
     def _build_teacher(self) -> nn.Module:
-        from sambridge.models import create_model
-        from sambridge.models.sam3_teacher import load_teacher
-
         hp = self.hparams
         args = dict(hp.teacher_args or {})
         teacher = (
@@ -183,8 +182,6 @@ class DistillModule(GroundingModule):
         return width
 
     def configure_losses(self) -> None:
-        from sambridge.losses import GroundingLoss
-
         self.gt_loss = GroundingLoss(**asdict(config_arg(self.hparams.loss, GroundingLossWeights)))
         self.distill_loss = DistillLoss(
             self.distill_weights, student_dim=self.model.detector.hidden_dim, teacher_dim=self.teacher_dim
@@ -202,8 +199,6 @@ class DistillModule(GroundingModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the student's build for ``sambridge export`` (its ``image_size`` is not the module's)."""
-        from sambridge.export import STUDENT_SPEC_KEY
-
         checkpoint[STUDENT_SPEC_KEY] = {
             "model": self.hparams.model,
             "model_args": dict(self.hparams.model_args or {}),
@@ -304,9 +299,6 @@ def init_head_from(student: nn.Module, teacher: nn.Module, source: str) -> None:
     Raises:
         CheckpointError: naming the missing/unexpected keys and shape mismatches when the heads differ.
     """
-    from sambridge.models.checkpoint_io import check_state_dict
-    from sambridge.models.grounding_head import head_state_dict, with_own_query_selection
-
     student_head = head_state_dict(student.detector)
     teacher_head = with_own_query_selection(head_state_dict(teacher.detector), student_head)
     check_state_dict(

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from data_pipelines.batch import GroundingBatch
-from sambridge.models.lora import LoraSettings
+from sambridge.losses import GroundingLoss
+from sambridge.metrics import ConceptSegmentationMetrics
+from sambridge.models import LoraSettings, apply_finetune_mode, create_model
 from sambridge.modules.base import BaseTask, config_arg
 from sambridge.optim import OptimizerConfig
 
@@ -137,8 +139,6 @@ class GroundingModule(BaseTask):
 
     # ------------------------------------------------------------------ configuration
     def configure_models(self) -> None:
-        from sambridge.models import apply_finetune_mode, create_model
-
         hp = self.hparams
         overrides = dict(hp.model_args or {})
         if hp.image_size is not None:
@@ -150,13 +150,9 @@ class GroundingModule(BaseTask):
         apply_prediction_settings(self.model, hp.sam2_checkpoint, self.predict_settings)
 
     def configure_losses(self) -> None:
-        from sambridge.losses import GroundingLoss
-
         self.loss_fn = GroundingLoss(**asdict(config_arg(self.hparams.loss, GroundingLossWeights)))
 
     def configure_metrics(self) -> None:
-        from sambridge.metrics import ConceptSegmentationMetrics
-
         self.val_metrics = ConceptSegmentationMetrics(prefix="val_")
         self.test_metrics = ConceptSegmentationMetrics(prefix="test_")
 

@@ -2,13 +2,13 @@
 
 ::
 
-    python -m data_pipelines pseudo-label --teacher checkpoints/sam3.pt --images DIR \\
+    sambridge pseudo-label --teacher checkpoints/sam3.pt --images DIR \\
         --vocabulary configs/agriculture/vocab/fruit.txt --out shards/orchard-pseudo
-    python -m data_pipelines pseudo-label --teacher runs/teacher/last.ckpt --shards data/synthetic/val \\
+    sambridge pseudo-label --teacher runs/teacher/last.ckpt --shards data/synthetic/val \\
         --out shards/val-pseudo --resume
 
 ``--teacher`` is an official ``sam3.pt`` (built as ``--model``, default ``sam3_image``) or a
-sambridge training checkpoint of a SAM3 teacher (``sambridge.models.load_teacher``). Input is a
+sambridge training checkpoint of a SAM3 teacher (``sambridge.modules.load_teacher``). Input is a
 folder of images (searched recursively) or existing shards. Each image is asked its own phrases
 (shard input) and the canonical phrases of ``--vocabulary`` (``data_pipelines.vocab`` format; a
 plain list with one phrase per line is one). Every phrase becomes one query, labelled from the
@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -60,6 +61,7 @@ import webdataset as wds
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
+from data_pipelines import cli as data_cli
 from data_pipelines.atomic import write_json_atomic
 from data_pipelines.augment import AugmentConfig, Geometry, sample_geometry, warp_image
 from data_pipelines.convert.common import Converter, InputError, read_image, sample_key
@@ -73,6 +75,7 @@ from data_pipelines.schema import (
     normalize_phrase,
     sample_from_wds,
 )
+from data_pipelines.vocab import VocabularyError, load_vocabulary
 from data_pipelines.writer import (
     ShardSink,
     Skip,
@@ -80,14 +83,18 @@ from data_pipelines.writer import (
     sha256_of,
     sink_from_args,
 )
-from sambridge.losses.distill import pooled_query_features
-from sambridge.models import CheckpointError, SAM3Teacher, load_teacher
+from sambridge.models import CheckpointError, SAM3Teacher
 from sambridge.models.teacher_targets import (
     POOLED_FEATURES,
     STORAGE_DTYPE,
     encode_teacher_file,
+    pooled_query_features,
     select_teacher_targets,
 )
+from sambridge.modules.checkpoint import load_teacher
+
+PROG = "sambridge pseudo-label"
+"""The command's name in usage lines and in the command line a manifest records."""
 
 SETTINGS_FILE = "pseudo_label.json"
 EMPTY_MASK = "teacher mask empty at image size"
@@ -444,8 +451,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _vocabulary(paths: Sequence[str]) -> list[str]:
-    from data_pipelines.vocab import VocabularyError, load_vocabulary
-
     if not paths:
         return []
     try:
@@ -504,3 +509,8 @@ def run(args: argparse.Namespace) -> int:
     if consumed:
         print(f"labelled {consumed} image(s) in {elapsed:.1f} s ({consumed / elapsed:.2f} images/s)")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sambridge pseudo-label``; returns the exit code (2 for bad input, with a message naming it)."""
+    return data_cli.run_command(sys.modules[__name__], argv, prog=PROG)
