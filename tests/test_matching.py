@@ -10,7 +10,8 @@ from sam3.train.matcher import BinaryHungarianMatcherV2
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
-from sambridge.models.matching import FiniteCostMatcher, hungarian_matcher, to_sam3_targets
+from data_pipelines.batch import GroundingBatch
+from sambridge.models.matching import FiniteCostMatcher, hungarian_matcher, mask_assignment, to_sam3_targets
 
 
 class HostReads(TorchFunctionMode):
@@ -115,3 +116,46 @@ def test_sam3_targets_need_no_device_read_when_collated(grounding_batch) -> None
     shuffled = replace(batch, instance_query=batch.instance_query.flip(0))
     with pytest.raises(RuntimeError, match="packed in query order"):
         to_sam3_targets(shuffled)
+
+
+def _masks_batch(masks: list[torch.Tensor], owners: list[int], num_queries: int) -> GroundingBatch:
+    """A batch of one 8 x 8 image with the given instance masks (packed in query order)."""
+    boxes = []
+    for mask in masks:
+        ys, xs = mask.nonzero(as_tuple=True)
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        boxes.append(torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]).float() / 8)
+    counts = torch.bincount(torch.tensor(owners), minlength=num_queries)
+    return GroundingBatch(
+        images=torch.zeros(1, 3, 8, 8), valid_hw=torch.tensor([[8, 8]]), orig_hw=torch.tensor([[8, 8]]),
+        keys=["k"], phrases=[f"p{q}" for q in range(num_queries)],
+        query_image=torch.zeros(num_queries, dtype=torch.long),
+        exhaustive=torch.ones(num_queries, dtype=torch.bool), num_instances=counts, boxes=torch.stack(boxes),
+        masks=torch.stack(masks), instance_query=torch.tensor(owners),
+    )
+
+
+def test_mask_assignment_gives_every_token_inside_an_instance_to_the_smallest_one() -> None:
+    big = torch.zeros(8, 8, dtype=torch.bool)
+    big[:, :6] = True                      # covers token columns 0-2 (centres at pixels 1, 3, 5)
+    small = torch.zeros(8, 8, dtype=torch.bool)
+    small[0:4, 0:4] = True                 # tokens (0,0) (0,1) (1,0) (1,1), also inside ``big``
+    speck = torch.zeros(8, 8, dtype=torch.bool)
+    speck[6, 6] = True                     # covers no token centre: gets the token at its box centre
+    other = torch.zeros(8, 8, dtype=torch.bool)
+    other[4:, 4:] = True                   # query 1's instance, overlapping ``big``: no competition
+    batch = _masks_batch([big, small, speck, other], owners=[0, 0, 0, 1], num_queries=3)
+    query, token, instance = mask_assignment((4, 4), batch)
+    pairs = {(int(q), int(t), int(i)) for q, t, i in zip(query, token, instance, strict=True)}
+    grid = torch.arange(16).view(4, 4)
+    expected = {(0, int(t), 1) for t in grid[:2, :2].flatten()}
+    expected |= {(0, int(t), 0) for t in grid[:, :3].flatten() if int(t) not in grid[:2, :2]}
+    expected |= {(0, int(grid[3, 3]), 2)}
+    expected |= {(1, int(t), 3) for t in grid[2:, 2:].flatten()}
+    assert pairs == expected               # query 2 (no instances) gets nothing
+
+
+def test_mask_assignment_of_no_instances_is_empty(grounding_batch) -> None:
+    empty = replace(grounding_batch, num_instances=torch.zeros(4, dtype=torch.long), boxes=torch.zeros(0, 4),
+                    masks=torch.zeros(0, 128, 128, dtype=torch.bool), instance_query=torch.zeros(0, dtype=torch.long))
+    assert all(len(t) == 0 for t in mask_assignment((16, 16), empty))

@@ -189,3 +189,28 @@ def test_matcher_survives_nan_and_inf_predictions():
         {"pred_logits": logits.nan_to_num(0.0).clamp(-5, 5), "pred_boxes": boxes.nan_to_num(0.5)}, targets
     )
     assert matcher.num_sanitized == 1  # finite predictions are not counted
+
+
+def test_a_head_dict_changes_only_its_fields_and_mask_assignment_trains_the_proposals(grounding_batch):
+    from sambridge.losses.grounding import GroundingLoss
+    from sambridge.models import create_model
+    from sambridge.models.matching import mask_assignment
+    from sambridge.models.variants import TINY_GROUNDING_HEAD
+
+    torch.manual_seed(0)
+    model = create_model("grounded_sam2_tiny", head={"proposal_assignment": "mask"})
+    assert model.num_queries == TINY_GROUNDING_HEAD.num_queries  # the tiny head, not SAM3's 200 queries
+    assert model.detector.transformer.query_selection.assignment == "mask"
+    with pytest.raises(ValueError, match="proposal_assignment"):
+        HeadConfig(proposal_assignment="nearest")
+    model.train()
+    b = grounding_batch
+    out = model(b.images, b.phrases, b.query_image, targets=b)
+    proposals = out["aux_outputs"][-1]
+    expected = mask_assignment(proposals["proposal_grid"], b)
+    assert all(torch.equal(a, e) for a, e in zip(proposals["indices"], expected, strict=True))
+    assert len(expected[0]) > b.boxes.shape[0]  # one-to-many: several tokens per instance
+    loss = GroundingLoss(score_target="binary")(out, b)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.detector.transformer.query_selection.box.layers[-1].weight.grad.abs().sum() > 0

@@ -33,7 +33,7 @@ from torchvision.ops import batched_nms
 
 from data_pipelines.batch import GroundingBatch
 from sambridge.models.grounding_head import HEAD_MODULES
-from sambridge.models.matching import FiniteCostMatcher, hungarian_matcher, to_sam3_targets
+from sambridge.models.matching import FiniteCostMatcher, hungarian_matcher, mask_assignment, to_sam3_targets
 from sambridge.models.sam2_builder import check_image_size
 from sambridge.models.sam2_decoder import Sam2PromptDecoder
 
@@ -214,10 +214,15 @@ class GroundedSAM2(nn.Module):
             raise ValueError(
                 f"targets have {targets.num_queries} queries, outputs {out['pred_logits'].shape[0]}"
             )
-        sam3_targets = to_sam3_targets(targets, device=out["pred_logits"].device)
+        device = out["pred_logits"].device
+        sam3_targets = to_sam3_targets(targets, device=device)
         outputs = [out, *out.get("aux_outputs", [])]
-        for output, indices in zip(outputs, self.matcher.match_many(outputs, sam3_targets), strict=True):
+        by_location = [o for o in outputs if o.get("proposal_assignment") == "mask"]
+        hungarian = [o for o in outputs if o.get("proposal_assignment") != "mask"]
+        for output, indices in zip(hungarian, self.matcher.match_many(hungarian, sam3_targets), strict=True):
             output["indices"] = indices  # every layer matched with one device read
+        for output in by_location:
+            output["indices"] = mask_assignment(output["proposal_grid"], targets, device)
 
     def _refine_matched(self, out: dict) -> dict[str, Tensor]:
         """SAM2 mask decoder prompted with the matched queries' (detached) predicted boxes."""

@@ -34,6 +34,9 @@ QUERY_SELECTION_PREFIX = "transformer.query_selection."
 """Head entries SAM3 does not have (``HeadConfig.query_selection``): a SAM3 head leaves them initialised."""
 
 
+PROPOSAL_ASSIGNMENTS = ("hungarian", "mask")
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     """Widths and depths of the grounding head (defaults = SAM3's).
@@ -65,7 +68,13 @@ class HeadConfig:
     geometry_layers: int = 3
     dropout: float = 0.1
     query_selection: bool = False
+    proposal_assignment: str = "hungarian"
     activation_checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        if self.proposal_assignment not in PROPOSAL_ASSIGNMENTS:
+            raise ValueError(f"proposal_assignment must be one of {PROPOSAL_ASSIGNMENTS}, "
+                             f"got {self.proposal_assignment!r}")
 
 
 SAM3_HEAD = HeadConfig()
@@ -167,6 +176,7 @@ class QuerySelection(nn.Module):
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
+        self.assignment = cfg.proposal_assignment
         self.scoring = build_dot_product_scoring(cfg)
         self.box = MLP(cfg.d_model, cfg.d_model, 4, 3)
         nn.init.zeros_(self.box.layers[-1].weight)
@@ -302,8 +312,10 @@ class GroundingDetector(Sam3Image):
         self._update_scores_and_boxes(out, hs, reference_boxes, prompt, prompt_mask,
                                       dec_presence_out=None if presence_out is None else presence_out.transpose(1, 2))
         if selection is not None and self.training:  # the proposals are one more auxiliary output
+            grid = tuple(int(v) for v in encoder_out["spatial_shapes"][0])
             out.setdefault("aux_outputs", []).append(
-                {"pred_logits": enc_scores, "pred_boxes": enc_boxes, "pred_boxes_xyxy": box_cxcywh_to_xyxy(enc_boxes)})
+                {"pred_logits": enc_scores, "pred_boxes": enc_boxes, "pred_boxes_xyxy": box_cxcywh_to_xyxy(enc_boxes),
+                 "proposal_grid": grid, "proposal_assignment": selection.assignment})
         return out, hs
 
 

@@ -280,3 +280,47 @@ def hungarian_matcher(
             stable=False,
         )
     )
+
+
+def mask_assignment(grid_hw: tuple[int, int], batch: GroundingBatch,
+                    device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One-to-many assignment of a (H, W) token grid's proposals to instances, by location.
+
+    A token is assigned to an instance of its query when the token's centre lies inside the
+    instance's mask (the smallest such instance where several overlap); an instance that covers no
+    token centre (smaller than a token) gets the token nearest its box centre. This is the dense,
+    location-based assignment of one-stage detectors (FCOS's centre sampling, on masks) that Co-DETR
+    adds to DETR's one-to-one matching to train the encoder fast; every token of an object learns the
+    phrase score and that object's box, instead of one token per object.
+
+    Args:
+        grid_hw: (H, W) of the token grid covering the canvas, row-major (the proposals' order).
+        batch: The ground truth (instance masks on the canvas, packed in query order).
+        device: Where the indices go (defaults to the batch's).
+
+    Returns:
+        ``(query_index, token_index, instance_index)`` long tensors, sam3's matcher index format.
+    """
+    device = torch.device(device) if device is not None else batch.boxes.device
+    height, width = grid_hw
+    masks = batch.masks.to(device)
+    total = masks.shape[0]
+    if total == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty, empty
+    canvas_h, canvas_w = masks.shape[-2:]
+    rows = ((torch.arange(height, device=device) + 0.5) * canvas_h / height).long().clamp(max=canvas_h - 1)
+    cols = ((torch.arange(width, device=device) + 0.5) * canvas_w / width).long().clamp(max=canvas_w - 1)
+    inside = masks[:, rows][:, :, cols].flatten(1)  # (N, HW)
+    boxes = batch.boxes.to(device=device, dtype=torch.float32)
+    centre_token = ((boxes[:, 1] * height).long().clamp(0, height - 1) * width
+                    + (boxes[:, 0] * width).long().clamp(0, width - 1))
+    inside[torch.arange(total, device=device), centre_token] |= ~inside.any(1)
+    area = masks.flatten(1).sum(1).float()
+    cost = torch.where(inside, area[:, None], torch.inf)  # smallest covering instance wins
+    owner = batch.instance_query.to(device)
+    best = cost.new_full((batch.num_queries, height * width), torch.inf)
+    best = best.scatter_reduce(0, owner[:, None].expand_as(cost), cost, reduce="amin")
+    assigned = inside & (cost == best[owner])
+    instance, token = assigned.nonzero(as_tuple=True)
+    return owner[instance], token, instance

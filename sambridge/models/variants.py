@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import os
 from collections.abc import Sequence
 
@@ -87,7 +88,8 @@ def build_grounded_sam2(
         image_size: Square model input size, a multiple of 32.
         sam2_checkpoint: Official SAM2 checkpoint for the trunk, neck(s), prompt encoder and mask decoder.
         sam2_overrides: Extra hydra overrides for SAM2 (e.g. the tiny test architecture).
-        head: Grounding head dims; ``d_model`` must equal SAM2's neck width (256 for SAM2.1).
+        head: Grounding head dims (a dict given to ``create_model`` changes only the fields it names
+            of the variant's head); ``d_model`` must equal SAM2's neck width (256 for SAM2.1).
         sam3_checkpoint: A ``sam3.pt`` whose detector head initialises the grounding head.
         text_model: open_clip model whose text tower encodes the phrases.
         text_pretrained: open_clip tag (locally cached) or local weight file for the text tower.
@@ -198,7 +200,16 @@ def _assemble(
 
 
 def _register(name: str, summary: str, builder=build_grounded_sam2, **defaults) -> None:
-    factory = functools.partial(builder, **defaults)
+    partial = functools.partial(builder, **defaults)
+    default_head = inspect.signature(partial).parameters["head"].default
+
+    def factory(**overrides):
+        head = overrides.get("head")
+        if isinstance(head, dict):  # a dict changes only the fields it names of the variant's head
+            overrides["head"] = dataclasses.replace(_head_config(default_head), **head)
+        return partial(**overrides)
+
+    factory.__signature__ = inspect.signature(partial)
     factory.__doc__ = f"{summary}\n\nArguments: see ``{builder.__name__}``."
     register_model(name)(factory)
 
