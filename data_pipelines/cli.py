@@ -15,10 +15,6 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from data_pipelines.convert.common import InputError
-from data_pipelines.schema import SampleError
-from data_pipelines.writer import ResumeMismatchError
-
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "coco": ("data_pipelines.convert.coco", "COCO or LVIS instance annotations + images -> shards"),
@@ -82,19 +78,27 @@ def build_parser(command: str | None = None, prog: str = PROG) -> argparse.Argum
     return parser
 
 
-def run_command(module: ModuleType, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Run one command module as a program of its own named ``prog`` (its docstring is the help);
-    returns its exit code, 2 for bad input, as :func:`main` does."""
+def run_command(module: ModuleType, argv: Sequence[str] | None = None, prog: str | None = None,
+                parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command module as a program of its own named ``prog``: its ``run(args)`` with the arguments
+    ``parser`` parses (by default one from the module's docstring and ``add_arguments``); returns its exit
+    code, 2 for bad input, as :func:`main` does."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=prog, description=module.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(parser)
+    if parser is None:
+        parser = argparse.ArgumentParser(prog=prog, description=module.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(parser)
     args = parser.parse_args(argv)
     args.command_line = shlex.join([*shlex.split(parser.prog), *argv])
     return _run(module, args)
 
 
 def _run(module: ModuleType, args: argparse.Namespace) -> int:
+    # lazy: `--help` and a usage error answer without these modules' imports (numpy, PIL, webdataset -> torch)
+    from data_pipelines.convert.common import InputError
+    from data_pipelines.schema import SampleError
+    from data_pipelines.writer import ResumeMismatchError
+
     try:
         return int(module.run(args))
     except (InputError, SampleError, ResumeMismatchError, OSError) as err:

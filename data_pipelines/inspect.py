@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
 from data_pipelines.atomic import atomic_write
 from data_pipelines.schema import Sample, SampleError, decode_rle, sample_from_wds
-from data_pipelines.writer import MANIFEST, SIZES, sha256_of
+from data_pipelines.writer import MANIFEST, SIZES, ShardCounts, sha256_of
 
 MAX_PRINTED_PROBLEMS = 20
 
@@ -50,22 +49,6 @@ class Problem:
 
 
 @dataclass
-class _Counts:
-    """The counts a manifest records per shard (negatives: exhaustive queries without instances)."""
-
-    samples: int = 0
-    queries: int = 0
-    instances: int = 0
-    negatives: int = 0
-
-    def add(self, sample: Sample) -> None:
-        self.samples += 1
-        self.queries += len(sample.queries)
-        self.instances += sum(len(q.instances) for q in sample.queries)
-        self.negatives += sum(not q.instances and q.exhaustive for q in sample.queries)
-
-
-@dataclass
 class InspectionReport:
     """What :func:`inspect_shards` found: problems and statistics of the valid samples."""
 
@@ -73,7 +56,7 @@ class InspectionReport:
     problems: list[Problem] = field(default_factory=list)
     shards: int = 0
     bytes: int = 0
-    totals: _Counts = field(default_factory=_Counts)
+    totals: ShardCounts = field(default_factory=ShardCounts)
     non_exhaustive: int = 0
     phrase_positive: Counter = field(default_factory=Counter)
     phrase_negative: Counter = field(default_factory=Counter)
@@ -179,7 +162,7 @@ def inspect_shards(shard_dir: str | os.PathLike, *, grid_samples: int = 0, seed:
                 continue
             report.shards += 1
             report.bytes += path.stat().st_size
-            counts = _Counts()
+            counts = ShardCounts()
             for sample in _read_shard(path, report):
                 bar.update(1)
                 if sample.key in keys:
@@ -226,6 +209,8 @@ def _check_files(shard_dir: Path, manifest: dict[str, Any], report: InspectionRe
 
 def _read_shard(path: Path, report: InspectionReport):
     """Valid samples of one shard, raw (webdataset must not decode masks as RGB); problems recorded."""
+    import webdataset as wds  # lazy: it imports torch (seconds), which `sambridge data inspect --help` needs not
+
     dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
     try:
         for record in dataset:
@@ -239,6 +224,8 @@ def _read_shard(path: Path, report: InspectionReport):
 
 def iter_samples(shard_dir: str | os.PathLike) -> Iterator[Sample]:
     """Every sample of a finished shard set, in manifest order, validated (raises :class:`SampleError`)."""
+    import webdataset as wds  # lazy: see _read_shard
+
     shard_dir = Path(shard_dir)
     for record in json.loads((shard_dir / MANIFEST).read_text())["shards"]:
         path = shard_dir / record["name"]
@@ -267,7 +254,8 @@ def render_grid(samples: list[Sample], out_path: str | os.PathLike, *, columns: 
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+
+    from data_pipelines.overlay import Detection, draw_detections  # lazy: torchvision, which `--help` needs not
 
     if not samples:
         raise ValueError("no samples to render")
@@ -276,29 +264,26 @@ def render_grid(samples: list[Sample], out_path: str | os.PathLike, *, columns: 
     inches = panel_size / 100
     fig = Figure(figsize=(columns * inches, rows * inches * 1.15), dpi=100)
     FigureCanvasAgg(fig)
-    palette = _palette()
     for i, sample in enumerate(samples):
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.set_axis_off()
         scale = min(1.0, panel_size / max(sample.width, sample.height))
         size = (max(1, round(sample.width * scale)), max(1, round(sample.height * scale)))
         with Image.open(io.BytesIO(sample.image)) as img:
-            canvas = np.asarray(img.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32) / 255
+            image = np.asarray(img.convert("RGB").resize(size, Image.BILINEAR))
         empty: dict[bool, list[str]] = {True: [], False: []}  # exhaustive -> phrases without instances
+        detections = []
         for qi, query in enumerate(sample.queries):
-            colour = palette[qi % len(palette)]
-            label = query.phrase + ("" if query.exhaustive else "*")
             if not query.instances:
                 empty[query.exhaustive].append(query.phrase)
                 continue
-            for inst in query.instances:
+            label = f"{query.phrase}{'' if query.exhaustive else '*'} ({len(query.instances)})"
+            for n, inst in enumerate(query.instances):  # the query's first instance carries its label
                 mask = np.asarray(Image.fromarray(decode_rle(inst.rle)).resize(size, Image.NEAREST))
-                canvas[mask] = 0.55 * canvas[mask] + 0.45 * colour
                 x, y, w, h = (v * scale for v in inst.bbox)
-                ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=1))
-            x, y = query.instances[0].bbox[0] * scale, query.instances[0].bbox[1] * scale
-            ax.text(x, y, f"{label} ({len(query.instances)})", fontsize=6, color="white", va="bottom",
-                    bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "linewidth": 0})
+                detections.append(Detection(mask=mask, label=None if n else label, box_xyxy=(x, y, x + w, y + h),
+                                            colour_index=qi))
+        canvas = draw_detections(image, detections, min_size=0, box_width=1)
         ax.imshow(canvas)
         ax.set_title(f"{sample.key[-40:]}  {sample.width}x{sample.height}", fontsize=6)
         notes = [f"{title}: {', '.join(phrases)}" for title, phrases in
@@ -309,12 +294,6 @@ def render_grid(samples: list[Sample], out_path: str | os.PathLike, *, columns: 
                     va="top", bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "linewidth": 0})
     fig.tight_layout()
     return atomic_write(out_path, lambda file: fig.savefig(file, format="png"))
-
-
-def _palette() -> np.ndarray:
-    from matplotlib import colormaps
-
-    return np.asarray(colormaps["tab10"].colors, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,11 +25,10 @@ import shlex
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import webdataset as wds
 from tqdm.auto import tqdm
 
 from data_pipelines.atomic import write_json_atomic
@@ -41,6 +40,9 @@ from data_pipelines.schema import (
     validate_key,
     validate_meta,
 )
+
+if TYPE_CHECKING:
+    import webdataset as wds  # imported where a shard is written: it imports torch (seconds), --help needs neither
 
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
@@ -76,12 +78,24 @@ def _strip_indices(text: str) -> str:
 
 
 @dataclass
-class _ShardStats:
+class ShardCounts:
+    """The counts a manifest records per shard (negatives: exhaustive queries without instances).
+
+    The writer counts what it writes; ``sambridge data inspect`` counts what a shard holds and
+    compares the two.
+    """
+
     samples: int = 0
     queries: int = 0
     instances: int = 0
     negatives: int = 0
-    keys: list[str] = field(default_factory=list)
+
+    def add(self, sample: Sample) -> None:
+        self.samples += 1
+        self.queries += len(sample.queries)
+        self.instances += sum(len(q.instances) for q in sample.queries)
+        # an empty non-exhaustive query says nothing about absence
+        self.negatives += sum(not q.instances and q.exhaustive for q in sample.queries)
 
 
 def sha256_of(path: str | os.PathLike, progress: Callable[[int], object] | None = None) -> str:
@@ -153,7 +167,7 @@ class ShardSink:
         self.already_complete = False
         self._consumed = 0
         self._keys: set[str] = set()
-        self._current = _ShardStats()
+        self._current = ShardCounts()
         self._writer: wds.ShardWriter | None = None
         self._shard_file: Any = None
         self._aborting = False
@@ -240,6 +254,8 @@ class ShardSink:
 
     # ------------------------------------------------------------------ writing
     def _open(self) -> wds.ShardWriter:
+        import webdataset as wds  # lazy: start-up time of the converters' --help (see the imports)
+
         pattern = str(self.out_dir / f"{self.prefix}-%06d.tar")
         return wds.ShardWriter(pattern, maxcount=self.max_count, maxsize=self.max_bytes, verbose=0,
                                start_shard=len(self.shards), opener=self._open_tmp, post=self._finish_shard)
@@ -250,7 +266,7 @@ class ShardSink:
 
     def _finish_shard(self, name: str) -> None:
         tmp, stats = f"{name}.tmp", self._current
-        self._current = _ShardStats()
+        self._current = ShardCounts()
         # TarWriter does not close a file object it was given: flush and close it before renaming
         self._shard_file.flush()
         os.fsync(self._shard_file.fileno())
@@ -260,8 +276,7 @@ class ShardSink:
             return
         os.replace(tmp, name)
         self.shards.append({
-            "name": os.path.basename(name), "samples": stats.samples, "queries": stats.queries,
-            "instances": stats.instances, "negatives": stats.negatives, "bytes": os.path.getsize(name),
+            "name": os.path.basename(name), **vars(stats), "bytes": os.path.getsize(name),
             "sha256": sha256_of(name), "consumed": self._consumed, "state": self._counts(),
         })
         write_json_atomic(self.out_dir / PROGRESS, {"schema": SCHEMA_VERSION, "settings": self.settings,
@@ -320,18 +335,14 @@ class ShardSink:
     def _count(self, sample: Sample) -> None:
         self._keys.add(sample.key)
         self.dropped_counts.update(sample.dropped)
-        stats = self._current
-        stats.samples += 1
+        self._current.add(sample)
         for query in sample.queries:
-            stats.queries += 1
-            stats.instances += len(query.instances)
             counter = self.phrases.setdefault(query.phrase, Counter())
             if query.instances:
                 counter["positive"] += 1
                 counter["instances"] += len(query.instances)
             elif query.exhaustive:  # an empty non-exhaustive query says nothing about absence
                 counter["negative"] += 1
-                stats.negatives += 1
             if not query.exhaustive:
                 counter["non_exhaustive"] += 1
 

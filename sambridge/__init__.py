@@ -4,6 +4,10 @@ import warnings
 
 __version__ = "0.1.0"
 
-# Noise the sam2/sam3 packages print on import on machines without CUDA; nothing to act on.
-warnings.filterwarnings("ignore", message="CUDA is not available or torch_xla is imported", category=UserWarning)
+# sam3 warns on import, on machines without CUDA, about its own code: nothing to act on. Ignored for everyone
+# who imports sambridge (library users too, since any sambridge model imports sam3), as narrowly as Python
+# allows: the autocast one only from sam3's modules; the TorchScript one (torch warns, from sam3's
+# @torch.jit.script functions) by its message. Lightning's noise is dropped only by the CLI (cli.quiet_known_noise).
+warnings.filterwarnings("ignore", message="CUDA is not available or torch_xla is imported", category=UserWarning,
+                        module=r"sam3\.")
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)

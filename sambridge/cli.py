@@ -1,4 +1,4 @@
-"""``sambridge`` / ``train.py``: one LightningCLI for training, plus the tool commands.
+"""``sambridge`` / ``train.py`` / ``python -m sambridge``: the training commands and the tool commands.
 
     python train.py fit --config configs/demo/grounding_tiny.yaml
     sambridge fit|validate|test|predict --config ...   (the same CLI)
@@ -11,33 +11,33 @@
 
 A user error (a missing file, a bad checkpoint, shard or annotation) ends any of them with one line,
 ``error: ...``, and exit code 2; ``--debug`` (or ``SAMBRIDGE_DEBUG=1``) shows the traceback instead.
+
+This module imports nothing heavy: ``sambridge --help`` and a tool command's ``--help`` (parsed with
+:mod:`sambridge.parsers` before the command's module is imported) answer without torch. The training
+commands live in :mod:`sambridge.training_cli` (Lightning and the models), imported when one runs;
+``SambridgeCLI``, ``lightning_cli`` and ``run_directories`` are importable from here as well.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import importlib
+import logging
 import os
 import sys
+import textwrap
 import threading
-import time
+import warnings
 from collections.abc import Callable
-from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from sambridge.parsers import PARSERS, RESUME_HELP, TRAINING_COMMANDS
 
-# The sambridge and data imports inside functions below are lazy for start-up time, not for cycles:
-# training code pulls in the models (sam2, sam3, open_clip: seconds), which the tool commands and
-# `--help` do not need. Tool commands are imported by name when they run (TOOL_COMMANDS).
+if TYPE_CHECKING:
+    from sambridge.training_cli import SambridgeCLI, lightning_cli, run_directories
 
-IMPORTED_AT = time.time()
-"""When this module (and with it torch and Lightning) finished importing: the ``imports`` mark of
-:class:`sambridge.callbacks.timeline.Timeline`."""
+__all__ = ["SambridgeCLI", "lightning_cli", "main", "run_directories", "user_error"]
 
 # tool commands: name -> (module, one-line help); each module has main(argv) -> int | None
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,127 +48,78 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("sambridge.export", "write a standalone student file from a training checkpoint"),
 }
 
-
 DEBUG_FLAG = "--debug"
 """Command-line flag (any command) that shows tracebacks of user errors instead of one line."""
 
 USER_ERROR_EXIT = 2
 """Exit code of a command stopped by a user error (:func:`user_error`)."""
 
-LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
-"""``ckpt_path`` values Lightning resolves itself."""
+LIGHTNING_TIP = "💡 Tip:"
+"""How Lightning's adverts start (``litlogger``, ``litmodels``): dropped by :func:`quiet_known_noise`."""
+
+_TRAINING_NAMES = ("SambridgeCLI", "lightning_cli", "run_directories", "IMPORTED_AT", "LIGHTNING_CKPT_ALIASES")
 
 
-class SambridgeCLI(LightningCLI):
-    """LightningCLI over sambridge's task and data module base classes (configs name subclasses).
+def __getattr__(name: str) -> Any:
+    # the training CLI, imported on first use: Lightning and the models take seconds (see the module docstring)
+    if name in _TRAINING_NAMES:
+        from sambridge import training_cli
 
-    On top of Lightning's: checkpoints are written atomically (``AtomicCheckpointIO``, unless the
-    trainer was given another writer); ``--ckpt_path auto`` resumes from the newest complete
-    checkpoint of the run (under ``trainer.default_root_dir`` or a checkpoint callback's
-    ``dirpath``), skipping truncated ones with a warning, and ``fit`` under SLURM does so by
-    default; an explicit ``--ckpt_path`` is checked before Lightning unpickles it.
+        return getattr(training_cli, name)
+    raise AttributeError(f"module 'sambridge.cli' has no attribute {name!r}")
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(LIGHTNING_TIP)
+
+
+def quiet_known_noise() -> None:
+    """Drop what every command would print that a sambridge user cannot act on.
+
+    Called once at CLI start-up, so it applies to the commands only, not to sambridge used as a library
+    (sam2's and sam3's import-time warnings are dropped for both, in ``sambridge/__init__.py``). Narrow:
+    Lightning's adverts (``💡 Tip: ... litlogger / litmodels``, info log records of its ``rank_zero``
+    loggers) and the FutureWarning Lightning's own ``_pytree`` helper triggers in torch
+    (``isinstance(treespec, LeafSpec)``). Other warnings still show; ``sambridge fit`` on a ``ShardDataModule``
+    also drops Lightning's mid-epoch resume warning, which does not apply to it (``training_cli.MID_EPOCH_WARNING``).
     """
-
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
-        parser.link_arguments("data.init_args.image_size", "model.init_args.image_size",
-                              apply_on="parse")
-
-    def parse_arguments(self, parser, args) -> None:  # noqa: D102
-        from sambridge.checkpointing import AUTO, check_checkpoint  # lazy: start-up time (see top)
-
-        super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        requested = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if requested is not None and str(requested) not in (AUTO, *LIGHTNING_CKPT_ALIASES) and \
-                "://" not in str(requested):
-            check_checkpoint(requested)  # before Lightning unpickles it for its hyper-parameters
-
-    def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
-        from sambridge.callbacks.data_health import DataHealth  # lazy: start-up time (see top)
-        from sambridge.checkpointing import use_atomic_checkpoint_io
-
-        trainer = super().instantiate_trainer(**kwargs)
-        use_atomic_checkpoint_io(trainer)
-        if not any(isinstance(cb, DataHealth) for cb in trainer.callbacks):
-            trainer.callbacks.append(DataHealth())
-        return trainer
-
-    def instantiate_classes(self) -> None:  # noqa: D102
-        super().instantiate_classes()
-        self._built_at = time.time()  # the Timeline's "built" mark
-
-    def before_fit(self) -> None:  # noqa: D102
-        self._resolve_ckpt_path()
-        self._mark_timeline()
-
-    def before_validate(self) -> None:  # noqa: D102
-        self._resolve_ckpt_path()
-        self._mark_timeline()
-
-    def before_test(self) -> None:  # noqa: D102
-        self._resolve_ckpt_path()
-        self._mark_timeline()
-
-    def before_predict(self) -> None:  # noqa: D102
-        self._resolve_ckpt_path()
-        self._mark_timeline()
-
-    def _mark_timeline(self) -> None:
-        """Give ``Timeline`` callbacks the start-up marks only the CLI sees: imports done, classes built."""
-        from sambridge.callbacks.timeline import Timeline  # lazy: start-up time (see top)
-
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, Timeline):
-                callback.mark("imports_done", IMPORTED_AT)
-                callback.mark("built", self._built_at)
-
-    def _resolve_ckpt_path(self) -> None:
-        from sambridge.checkpointing import AUTO, checkpoint_step, resolve_resume_checkpoint  # lazy: start-up
-
-        config = self.config_init[self.subcommand]
-        requested = config.get("ckpt_path")
-        configured_root = config["trainer"].get("default_root_dir") is not None
-        if requested is None and self.subcommand == "fit" and SLURMEnvironment.detect() and configured_root:
-            requested = AUTO  # a requeued SLURM job continues its run
-        if requested == AUTO:
-            if not configured_root:
-                raise ValueError(f"--ckpt_path {AUTO} resumes the run in --trainer.default_root_dir: set it")
-            found = resolve_resume_checkpoint(run_directories(self.trainer))
-            rank_zero_info(f"--ckpt_path {AUTO}: " + (
-                f"resuming from {found} (step {checkpoint_step(found)}, the furthest complete one)" if found
-                else "no checkpoint in the run directory, starting afresh"))
-            config["ckpt_path"] = None if found is None else str(found)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_a_tip)  # the loggers Lightning's rank_zero_info logs to
 
 
-def run_directories(trainer: Trainer) -> list[Path]:
-    """Where a run's checkpoints live: its root directory and its checkpoint callbacks' directories."""
-    roots = [trainer.default_root_dir]
-    roots += [cb.dirpath for cb in trainer.checkpoint_callbacks
-              if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-    return list(dict.fromkeys(Path(r).resolve() for r in roots))
+def top_parser(prog: str = "sambridge") -> argparse.ArgumentParser:
+    """``sambridge --help``: the commands, each with its own ``--help``."""
+    training = "\n".join(f"  {name:13s}{help_}" for name, help_ in TRAINING_COMMANDS.items())
+    tools = "\n".join(f"  {name:13s}{help_}" for name, (_, help_) in TOOL_COMMANDS.items())
+    resume = textwrap.fill(RESUME_HELP, width=100, initial_indent="  ", subsequent_indent="  ")
+    parser = argparse.ArgumentParser(
+        prog=prog, usage="%(prog)s [-h] COMMAND [ARGS ...] [--debug]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Teach SAM2 noun phrases and distil SAM3 into a student. `{prog} COMMAND --help` shows a "
+                    f"command's options.\n\ntraining commands (LightningCLI):\n{training}\n{resume}\n\n"
+                    f"tool commands:\n{tools}")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="any command: show the traceback of a user error instead of one line "
+                             "(or SAMBRIDGE_DEBUG=1)")
+    return parser
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True) -> SambridgeCLI:
-    """Build (and by default run) the training CLI; ``args`` as on the command line."""
-    from lightning.pytorch import LightningDataModule
-
-    from sambridge.modules import BaseTask  # lazy: start-up time (see top)
-
-    return SambridgeCLI(
-        BaseTask,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+def _prog() -> str:
+    name = os.path.basename(sys.argv[0])
+    return "python -m sambridge" if name == "__main__.py" else name
 
 
 def _tool(name: str) -> Callable[[list[str]], int | None]:
-    return importlib.import_module(TOOL_COMMANDS[name][0]).main
+    """What runs tool command ``name``: its parser here answers ``--help`` and usage errors, then its module's
+    ``main(argv)`` (imported only then) parses again and runs."""
+    def run(argv: list[str]) -> int | None:
+        if name in PARSERS:
+            PARSERS[name]().parse_args(argv)
+        return importlib.import_module(TOOL_COMMANDS[name][0]).main(argv)
+
+    return run
 
 
 def user_error(error: BaseException) -> BaseException | None:
@@ -176,7 +127,7 @@ def user_error(error: BaseException) -> BaseException | None:
     wrapping of a failed instantiation): a missing file, an output that exists, or a bad checkpoint,
     shard, sample, annotation or vocabulary. ``None`` for anything else: a bug, which keeps its
     traceback."""
-    # lazy: start-up time (see top); only needed once something failed
+    # lazy: start-up time (see the module docstring); only needed once something failed
     from data_pipelines.convert.common import InputError
     from data_pipelines.datamodule import MissingSplitError
     from data_pipelines.pipeline import ShardReadError
@@ -199,6 +150,7 @@ def user_error(error: BaseException) -> BaseException | None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``train.py``, ``python -m sambridge`` and the ``sambridge`` console script."""
+    quiet_known_noise()
     argv = list(sys.argv[1:] if args is None else args)
     debug = DEBUG_FLAG in argv or os.environ.get("SAMBRIDGE_DEBUG") == "1"
     argv = [a for a in argv if a != DEBUG_FLAG]
@@ -219,12 +171,17 @@ def main(args: list[str] | None = None) -> None:
 def _run(argv: list[str], called: bool) -> int:
     if argv and argv[0] in TOOL_COMMANDS:
         return _tool(argv[0])(argv[1:]) or 0
-    if argv and argv[0] in ("-h", "--help"):
-        tools = "\n".join(f"  {name:12s} {help_}" for name, (_, help_) in TOOL_COMMANDS.items())
-        print(f"tool commands (sambridge COMMAND --help):\n{tools}\n\ntraining commands:")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser = top_parser("sambridge" if called else _prog())
+        if not argv:
+            parser.error("give a command")
+        parser.parse_args(argv)
+        return 0
     if not called:
         sys.argv[1:] = argv  # without --debug, which Lightning's parser does not know
-    lightning_cli(argv if called else None)
+    from sambridge.training_cli import lightning_cli  # lazy: start-up time (see the module docstring)
+
+    lightning_cli(argv, prog="sambridge") if called else lightning_cli(prog=_prog())
     return 0
 
 

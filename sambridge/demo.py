@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from data_pipelines.synthetic import SPLITS, generate_synthetic
+from sambridge.parsers import demo_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "demo" / "grounding_tiny.yaml"
@@ -27,20 +27,6 @@ DEFAULT_CONFIG = REPO / "configs" / "demo" / "grounding_tiny.yaml"
 DEMO_SYNTHETIC = {"kinds": ("circle", "square", "triangle", "star"), "colours": ("red", "green", "blue", "yellow"),
                   "sizes": ("large",), "objects": (1, 4), "distractors": (0, 2)}
 HEADLINE = ("cgF1", "IL_MCC", "pmF1", "AP", "mIoU", "count_mae", "duplicate_rate")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sambridge demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config")
-    parser.add_argument("--data", default="data/synthetic_demo", help="synthetic shard directory")
-    parser.add_argument("--out", default="runs/demo", help="run directory")
-    parser.add_argument("--max-steps", type=int, default=None, help="override the config's trainer.max_steps")
-    parser.add_argument("--num-train", type=int, default=2000, help="synthetic training images (if generated)")
-    parser.add_argument("--overlays", type=int, default=12, help="held-out overlay PNGs to write")
-    parser.add_argument("--overlay-threshold", type=float, default=0.5,
-                        help="draw detections scoring at least this (SAM3's threshold, the one cgF1 uses)")
-    return parser
 
 
 def ensure_synthetic(data_dir: Path, num_train: int) -> None:
@@ -67,10 +53,12 @@ def format_summary(before: dict[str, dict[str, float]], after: dict[str, dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = demo_parser()
+    parser.set_defaults(config=str(DEFAULT_CONFIG))
+    args = parser.parse_args(argv)
     # lazy: parse (and answer --help) before loading the models and Lightning
     from sambridge.callbacks import PredictionWriter
-    from sambridge.cli import lightning_cli
+    from sambridge.training_cli import lightning_cli
 
     data_dir, out = Path(args.data), Path(args.out)
     ensure_synthetic(data_dir, args.num_train)

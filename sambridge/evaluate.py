@@ -15,7 +15,6 @@ evaluated; the rest are counted as ``num_skipped``.
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from collections import defaultdict
@@ -40,6 +39,7 @@ from sambridge.metrics.cgf1 import DEFAULT_SCORE_THRESHOLD, IOU_THRESHOLDS, sele
 from sambridge.metrics.masks import rle_ious, rle_union_overlap
 from sambridge.metrics.queries import QueryMatch, QueryTable, count_duplicates, match_query, stack_ap_records
 from sambridge.metrics.saco import SacoGroundTruth, gc_paused, load_ground_truth, load_predictions
+from sambridge.parsers import evaluate_parser
 from sambridge.report import (
     QueryView,
     compare_phrase_rows,
@@ -293,38 +293,10 @@ def saco_query_grid(evaluation: Evaluation, gts: Sequence[SacoGroundTruth],
     return query_grid_figure([view(q) for q in best], [view(q) for q in worst])
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sambridge evaluate",
-        description="SA-Co metrics (cgF1, pmF1, IL_MCC as SAM3 computes them), mask AP, IoU, counting "
-                    "error and duplicate rate of COCO-format predictions against SA-Co ground truth.")
-    parser.add_argument("--gt", nargs="+", required=True, metavar="GT.json",
-                        help="SA-Co ground truth; several files = versions of it (SAM3's oracle evaluation)")
-    parser.add_argument("--pred", required=True, metavar="PRED.json", help="COCO results list")
-    parser.add_argument("--baseline", metavar="REF.json",
-                        help="a second COCO results list on the same queries (a simple heuristic, the untrained or "
-                             "pretrained model) scored alongside: metrics and per-phrase table side by side")
-    parser.add_argument("--baseline-name", default="baseline", help="column name of --baseline (default baseline)")
-    parser.add_argument("--calibration", metavar="calibration.png",
-                        help="write a reliability diagram of the detection scores (and of --baseline's)")
-    parser.add_argument("--out", metavar="metrics.json", help="write all metrics and settings as JSON")
-    parser.add_argument("--per-phrase", metavar="per_phrase.csv",
-                        help="write the per-phrase table as CSV, and as Markdown next to it (.md)")
-    parser.add_argument("--grid", metavar="queries.png", help="write a PNG of the best and worst queries")
-    parser.add_argument("--image-root", metavar="DIR",
-                        help="folder the ground truth's file_name paths are in (needed by --grid)")
-    parser.add_argument("--grid-queries", type=int, default=4, metavar="K",
-                        help="best and worst queries to show in --grid (default 4 each)")
-    parser.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
-                        help="predictions scoring at least this are detections (default 0.5, as SAM3)")
-    parser.add_argument("--max-dets", type=int, default=DEFAULT_MAX_DETS,
-                        help="detections per query that count for AP (default 100, as COCO)")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``sambridge evaluate``; returns the exit code."""
-    parser = _parser()
+    parser = evaluate_parser()
+    parser.set_defaults(score_threshold=DEFAULT_SCORE_THRESHOLD, max_dets=DEFAULT_MAX_DETS)
     args = parser.parse_args(argv)
     if args.grid and not args.image_root:
         parser.error("--grid needs --image-root")

@@ -12,7 +12,6 @@ back and must predict exactly what the trained model predicts, or nothing is wri
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from sambridge.models.checkpoint_io import load_state_dict_strict
 from sambridge.models.standalone import architecture_args
 from sambridge.modules.checkpoint import MODEL_PREFIX, model_state, read_lightning_checkpoint, trained_model_spec
 from sambridge.modules.grounding import apply_prediction_settings
+from sambridge.parsers import export_parser
 
 _PROBE_PHRASES = ("object", "red thing")
 
@@ -126,20 +126,9 @@ def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pa
     return save_adapters(model, out)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sambridge export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint (.ckpt) of a training run")
-    parser.add_argument(
-        "--out", required=True, help="student file: .safetensors, or a torch.save file such as student.pt"
-    )
-    parser.add_argument("--adapters-only", action="store_true",
-                        help="LoRA runs: write only the adapters + head (.safetensors) for load_adapters")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``sambridge export``; returns the exit code."""
-    args = _parser().parse_args(argv)
+    args = export_parser().parse_args(argv)
     if args.adapters_only:
         path = export_adapters(args.checkpoint, args.out)
         print(f"adapters written to {path} ({path.stat().st_size / 2**20:.1f} MiB); load them onto the base "

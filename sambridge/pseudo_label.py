@@ -50,7 +50,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ from data_pipelines.vocab import VocabularyError, load_vocabulary
 from data_pipelines.writer import (
     ShardSink,
     Skip,
-    add_sink_arguments,
     sha256_of,
     sink_from_args,
 )
@@ -92,6 +91,7 @@ from sambridge.models.teacher_targets import (
     select_teacher_targets,
 )
 from sambridge.modules.checkpoint import load_teacher
+from sambridge.parsers import pseudo_label_parser
 
 PROG = "sambridge pseudo-label"
 """The command's name in usage lines and in the command line a manifest records."""
@@ -415,41 +415,6 @@ def pseudo_label(items: Iterator[Sample | Skip], labeler: PseudoLabeler, sink: S
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True,
-                        help="official sam3.pt, or a sambridge training checkpoint of a SAM3 teacher")
-    parser.add_argument("--model", default=None,
-                        help="registered teacher to build for an official checkpoint (default: sam3_image)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", help="folder of images, searched recursively")
-    source.add_argument("--shards", help="existing shards: a directory, brace pattern or URL pattern")
-    parser.add_argument("--vocabulary", nargs="+", default=[],
-                        help="vocabulary file(s) whose canonical phrases every image is asked")
-    parser.add_argument("--keep-labels", action="store_true",
-                        help="shard input: queries the input annotates keep their own instances")
-    parser.add_argument("--source", help="image folders: dataset label (default: images:<folder name>)")
-    parser.add_argument("--score-threshold", type=float, default=LabelSettings.score_threshold,
-                        help="detections scoring at least this become instances (SAM3's own: 0.5)")
-    parser.add_argument("--uncertain-score", type=float, default=LabelSettings.uncertain_score,
-                        help="a detection scoring between this and --score-threshold makes its query "
-                             "non-exhaustive")
-    parser.add_argument("--presence-threshold", type=float, default=LabelSettings.presence_threshold,
-                        help="a query without instances is an exhaustive negative below this presence")
-    parser.add_argument("--top-k", type=int, default=LabelSettings.top_k,
-                        help="soft-target detections per query")
-    parser.add_argument("--mask-size", type=int, default=LabelSettings.mask_size,
-                        help="side of the soft targets' mask logits")
-    parser.add_argument("--pooled-features", action="store_true",
-                        help="also cache each query's pooled fusion-encoder features (offline distill.pooled_*)")
-    parser.add_argument("--canvas-size", type=int,
-                        help="square canvas side (default: the teacher's input size)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per teacher forward")
-    parser.add_argument("--query-chunk", type=int, default=16, help="queries per head call (memory)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device of the teacher (default: cuda if available)")
-    add_sink_arguments(parser, default_prefix="pseudo")
-
-
 def _vocabulary(paths: Sequence[str]) -> list[str]:
     if not paths:
         return []
@@ -513,4 +478,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``sambridge pseudo-label``; returns the exit code (2 for bad input, with a message naming it)."""
-    return data_cli.run_command(sys.modules[__name__], argv, prog=PROG)
+    parser = pseudo_label_parser()  # sambridge.parsers: --help without torch; the defaults are set here
+    parser.set_defaults(device="cuda" if torch.cuda.is_available() else "cpu",
+                        **{f.name: f.default for f in fields(LabelSettings)})
+    return data_cli.run_command(sys.modules[__name__], argv, prog=PROG, parser=parser)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from data_pipelines.atomic import atomic_write
+from data_pipelines.overlay import draw_masks
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -122,17 +123,6 @@ def rank_queries(quality: np.ndarray, k: int) -> tuple[list[int], list[int]]:
     return best, worst
 
 
-def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """``image`` with each mask blended in its own colour (tab20)."""
-    from matplotlib import colormaps
-
-    palette = np.asarray(colormaps["tab20"].colors, dtype=np.float32) * 255
-    out = image.astype(np.float32)
-    for i, mask in enumerate(masks):
-        out[mask] = (1 - alpha) * out[mask] + alpha * palette[i % len(palette)]
-    return out.round().astype(np.uint8)
-
-
 def query_grid_figure(best: Sequence[QueryView], worst: Sequence[QueryView],
                       panel_inches: float = 2.6) -> Figure:
     """A figure with one row per query (best, then worst): image | ground truth | prediction."""
@@ -148,7 +138,8 @@ def query_grid_figure(best: Sequence[QueryView], worst: Sequence[QueryView],
         return figure
     axes = figure.subplots(len(rows), 3, squeeze=False)
     for r, (group, rank, view) in enumerate(rows):
-        panels = (view.image, overlay(view.image, view.gt_masks), overlay(view.image, view.pred_masks))
+        panels = (view.image, draw_masks(view.image, view.gt_masks, alpha=0.5),
+                  draw_masks(view.image, view.pred_masks, alpha=0.5))
         titles = (f"{group} {rank}: {view.phrase!r}\n{view.caption}", f"ground truth ({len(view.gt_masks)})",
                   f"prediction ({len(view.pred_masks)})")
         for ax, panel, title in zip(axes[r], panels, titles, strict=True):

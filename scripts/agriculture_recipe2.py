@@ -98,7 +98,7 @@ def _run_args(root: Path, *, checkpoints: bool = True) -> list[str]:
 
 
 def _student_args(teacher: str) -> list[str]:
-    return ["--model.init_args.teacher", teacher, "--model.init_args.mode", "offline",
+    return ["--model.init_args.teacher_checkpoint", teacher, "--model.init_args.mode", "offline",
             "--model.init_args.distill.feature_mse", "0", "--model.init_args.distill.feature_cos", "0"]
 
 

@@ -42,6 +42,8 @@ CONFIGS = {
     "hiera_b+_lora": "configs/grounding/sam2.1_hiera_b+_lora.yaml",
     "hiera_b+_full": "configs/grounding/sam2.1_hiera_b+_full.yaml",
 }
+SHARED = ["--config", "configs/trainer/default.yaml", "--config", "configs/data/shards.yaml"]
+"""What every run config above is stacked on, as the configs' headers document."""
 TIMELINE = "sambridge timeline "
 
 
@@ -123,7 +125,7 @@ def train(name: str, shards: Path, workdir: Path, args: argparse.Namespace) -> d
     """``train.py fit`` of one shipped config; start-up, throughput, memory and exit."""
     s = settings(args.smoke)
     run = workdir / "runs" / name
-    cmd = [sys.executable, "train.py", "fit", "--config", CONFIGS[name], *model_overrides(args.smoke),
+    cmd = [sys.executable, "train.py", "fit", *SHARED, "--config", CONFIGS[name], *model_overrides(args.smoke),
            *data_overrides(shards, args.smoke), "--trainer.max_steps", str(args.steps),
            "--trainer.log_every_n_steps", str(args.window), "--trainer.default_root_dir", str(run),
            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir",
@@ -189,7 +191,7 @@ def forward_only(config: str, shards: Path, smoke: bool, steps: int) -> dict:
     from sambridge.cli import lightning_cli
 
     s = settings(smoke)
-    cli = lightning_cli(["--config", config, *model_overrides(smoke), *data_overrides(shards, smoke),
+    cli = lightning_cli([*SHARED, "--config", config, *model_overrides(smoke), *data_overrides(shards, smoke),
                          "--data.init_args.num_workers", "0", "--trainer.logger", "false",
                          "--trainer.accelerator", s["accelerator"], "--trainer.devices", "1"], run=False)
     device = torch.device("cuda" if s["accelerator"] == "gpu" else "cpu")

@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from data_pipelines.atomic import write_json_atomic
 from data_pipelines.inspect import iter_samples
-from sambridge.metrics.saco import prediction_records, saco_pair_id, write_json
+from sambridge.metrics.saco import prediction_records, saco_pair_id
 
 VEGETATION = ("plant", "weed", "leaf", "leaves", "crop", "grass", "seedling", "vegetation")
 
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = predict(args.gt, args.shards, args.min_area)
     except (OSError, ValueError, KeyError) as err:
         parser.exit(2, f"heuristic_baseline: error: {err}\n")
-    write_json(args.out, records)
+    write_json_atomic(args.out, records)
     print(f"{len(records)} heuristic detections written to {args.out}")
     return 0
 

@@ -20,10 +20,10 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.convert.common import RGB_CONVERTIBLE_MODES
+from data_pipelines.overlay import Detection, draw_detections
 from data_pipelines.schema import encode_mask, normalize_phrase
 from data_pipelines.tiling import TilingConfig
 from sambridge.inference import Segmenter, load_model
-from sambridge.visualize import Detection, draw_detections
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

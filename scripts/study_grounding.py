@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """One row of the grounding-head study (docs/training.md): train a recipe for a few hundred steps on
-the demo shards and score one-to-one and one-to-many (+ NMS) outputs on val and held-out every K steps.
+the demo shards and score one-to-one, one-to-many (+ NMS) and
+semantic-component outputs on val and held-out every K steps.
 
 A plain loop over ``GroundingModule``'s own model, loss and optimiser (no Lightning, no loader
 workers) so that rows differ only in what a flag changes::
@@ -60,17 +61,21 @@ def main() -> None:
 
     @torch.no_grad()
     def evaluate(loader) -> dict[str, dict[str, float]]:
-        scores = {"one_to_one": ConceptSegmentationMetrics(), "one_to_many": ConceptSegmentationMetrics()}
+        scores = {name: ConceptSegmentationMetrics() for name in ("one_to_one", "one_to_many", "components")}
         model.eval()
         for i, batch in enumerate(loader):
             if i >= args.eval_batches:
                 break
-            for outputs, metrics in scores.items():
-                model.one_to_many_outputs = outputs == "one_to_many"
+            for one_to_many in (False, True):
+                model.one_to_many_outputs = one_to_many
                 out = model(batch.images, batch.phrases, batch.query_image)
-                nms = args.nms_iou if model.one_to_many_outputs else None
-                metrics.update_from_batch(model.postprocess(out, top_k=20, score_threshold=0.1, out_hw=size,
-                                                            nms_iou=nms), batch)
+                nms = args.nms_iou if one_to_many else None
+                post = model.postprocess(out, top_k=20, score_threshold=0.1, out_hw=size, nms_iou=nms)
+                scores["one_to_many" if one_to_many else "one_to_one"].update_from_batch(post, batch)
+                if not one_to_many:
+                    scores["components"].update_from_batch(
+                        model.postprocess(out, top_k=20, score_threshold=0.1, out_hw=size, instances="components"),
+                        batch)
         model.one_to_many_outputs = False
         model.train()
         keys = ("cgF1", "AP", "IL_MCC", "pmF1", "count_mae", "duplicate_rate")

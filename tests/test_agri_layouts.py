@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 from pycocotools import mask as mask_utils
 from shard_helpers import write_image
@@ -431,7 +432,6 @@ def _expected_stretch(band: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _write_gdal_tiff(path: Path, bands: np.ndarray) -> None:
-    tifffile = pytest.importorskip("tifffile")
     items = "".join(
         f'<Item name="DESCRIPTION" sample="{i}" role="description">{n}</Item>'
         for i, n in enumerate(BAND_NAMES)

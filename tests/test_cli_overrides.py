@@ -73,6 +73,7 @@ def test_overrides_from_a_yaml_file(tmp_path: Path) -> None:
 def test_distill_module_takes_the_switches_too() -> None:
     module = lightning_cli(["--config", str(DEMO.parent / "distill_tiny.yaml"), "--trainer.logger", "false",
                             "--model.init_args.teacher", "sam3_image_tiny",
+                            "--model.init_args.teacher_checkpoint", "null",
                             *as_flags({"compile": True, "activation_checkpointing": True, "loss": {"presence": 3.5}})],
                            run=False).model
     assert isinstance(module, DistillModule)

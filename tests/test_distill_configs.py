@@ -28,6 +28,7 @@ def test_config_parses_against_the_module_signatures(config: Path, capsys) -> No
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: sambridge.modules.DistillModule" in printed and "teacher:" in printed
+    assert "teacher_checkpoint:" in printed
 
 
 def test_demo_config_fits_reloads_and_exports(tmp_path: Path, grounding_batch) -> None:
@@ -37,8 +38,8 @@ def test_demo_config_fits_reloads_and_exports(tmp_path: Path, grounding_batch) -
     args = [
         "--config",
         str(REPO / "configs/demo/distill_tiny.yaml"),
-        "--model.init_args.teacher",
-        "sam3_image_tiny",  # a random teacher: no trained one in tests
+        "--model.init_args.teacher_checkpoint",
+        "null",  # a random sam3_image_tiny teacher: no trained one in tests
         "--model.init_args.distill.score",
         "10.0",
         "--data.init_args.train",

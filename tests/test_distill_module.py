@@ -14,6 +14,7 @@ from sambridge.losses.distill import DistillWeights
 from sambridge.models.checkpoint_io import CheckpointError
 from sambridge.models.teacher_targets import encode_teacher_file, pooled_query_features, select_teacher_targets
 from sambridge.modules import DistillModule
+from sambridge.optim import build_optimizer
 
 SIZE = 128
 WITH_POOLED = DistillWeights(feature_mse=0.0, feature_cos=0.0, pooled_mse=1.0, pooled_cos=1.0)
@@ -181,3 +182,34 @@ def test_head_init_from_a_different_head_names_the_mismatch():
         CheckpointError, match="init_head_from_teacher needs the same head dims.*unexpected keys"
     ):
         build(init_head_from_teacher=True)  # the student's decoder has one layer, the teacher's two
+
+
+# ---------------------------------------------------------------------- teacher and teacher_checkpoint
+def test_a_checkpoint_path_as_teacher_is_refused_pointing_to_teacher_checkpoint():
+    with pytest.raises(ValueError, match="got 'checkpoints/sam3.pt'; a checkpoint .* goes in teacher_checkpoint"):
+        build(teacher="checkpoints/sam3.pt")
+
+
+def test_teacher_checkpoint_loads_strictly_and_a_missing_one_names_its_path(online, tmp_path):
+    path = tmp_path / "sam3_tiny.pt"
+    torch.save({"model": online.teacher.state_dict()}, path)  # official layout: detector.* keys
+    module = build(seed=5, teacher_checkpoint=str(path))
+    loaded, original = module.teacher.state_dict(), online.teacher.state_dict()
+    assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in original)
+    assert module.teacher.frozen and module.hparams.teacher_checkpoint == str(path)
+    missing = tmp_path / "nowhere" / "sam3.pt"
+    with pytest.raises(CheckpointError, match=f"teacher checkpoint not found: {missing}"):
+        build(teacher_checkpoint=str(missing))
+
+
+def test_teacher_parameters_are_in_neither_optimiser_nor_checkpoint(online):
+    optimizer, _ = build_optimizer(online.trainable_parameter_groups(), online.optimizer_config, 10)
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    teacher = {id(p) for p in online.teacher.parameters()}
+    assert optimised and teacher and not optimised & teacher
+    assert not teacher & {id(p) for p in online.parameters()}
+    assert not any(m is online.teacher for m in online.modules())
+    state = online.state_dict()
+    assert not any("teacher" in k for k in state)
+    teacher_tensors = {t.data_ptr() for t in online.teacher.state_dict().values()}
+    assert not teacher_tensors & {t.data_ptr() for t in state.values()}

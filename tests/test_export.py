@@ -87,7 +87,7 @@ def test_load_model_takes_student_files_and_a_distill_checkpoint_without_its_tea
 ):
     module, checkpoint = distill_run
     blob = read_lightning_checkpoint(checkpoint)
-    blob["hyper_parameters"]["teacher"] = str(tmp_path / "absent" / "sam3.pt")  # as on an inference machine
+    blob["hyper_parameters"]["teacher_checkpoint"] = str(tmp_path / "absent" / "sam3.pt")  # as on an inference machine
     moved = tmp_path / "moved.ckpt"
     torch.save(blob, moved)
     expected = predict(module.model, grounding_batch)

@@ -30,11 +30,14 @@ def run_main(args: list[str], capsys) -> tuple[int, list[str]]:
     return stopped.value.code, capsys.readouterr().err.strip().splitlines()
 
 
-def test_a_shipped_config_without_its_sam2_checkpoint_says_so_in_one_line():
-    """As a new user runs it: the official checkpoint is not downloaded yet."""
+def test_a_shipped_config_without_its_sam2_checkpoint_says_so_in_one_line(tmp_path):
+    """As a new user runs it: the official checkpoint is not downloaded yet (the run directory in
+    tmp_path: the logger claims its run directory before the model is built)."""
     done = subprocess.run(
-        [sys.executable, "train.py", "fit", "--config", "configs/grounding/sam2.1_hiera_t_lora.yaml",
-         "--model.init_args.sam2_checkpoint", "checkpoints/not_downloaded.pt"],
+        [sys.executable, "train.py", "fit", "--config", "configs/trainer/default.yaml",
+         "--config", "configs/data/shards.yaml", "--config", "configs/grounding/sam2.1_hiera_t_lora.yaml",
+         "--model.init_args.sam2_checkpoint", "checkpoints/not_downloaded.pt",
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]

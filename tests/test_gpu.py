@@ -19,6 +19,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TASK = REPO / "configs/grounding/sam2.1_hiera_t_full.yaml"
+SHARED = ["--config", str(REPO / "configs/trainer/default.yaml"), "--config", str(REPO / "configs/data/shards.yaml")]
+"""What the run config is stacked on (its header's command)."""
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def shards(tmp_path_factory) -> Path:
 
 def real_size_args(shards: Path, out: Path, *extra: str) -> list[str]:
     """grounded_sam2_hiera_t at 1024 px from random weights (no official checkpoint needed)."""
-    return ["fit", "--config", str(TASK), "--config", str(REPO / "configs/trainer/bf16.yaml"),
+    return ["fit", *SHARED, "--config", str(TASK), "--config", str(REPO / "configs/trainer/bf16.yaml"),
             "--model.init_args.sam2_checkpoint", "null", "--model.init_args.model_args", "{}",
             "--data.init_args.train", str(shards / "train"), "--data.init_args.val", str(shards / "val"),
             "--data.init_args.batch_size", "1", "--data.init_args.num_workers", "2",

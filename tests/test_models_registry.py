@@ -37,6 +37,14 @@ def test_unknown_override_lists_accepted_ones():
     assert "image_size" in str(err.value) and "sam2_checkpoint" in str(err.value)
 
 
+def test_teachers_take_no_sam2_checkpoint_and_grounding_passes_none():
+    from sambridge.modules import GroundingModule
+
+    assert GroundingModule(model="sam3_image_tiny").model.model_name == "sam3_image_tiny"
+    with pytest.raises(ValueError, match="does not take \\['sam2_checkpoint'\\]"):
+        create_model("sam3_image_tiny", sam2_checkpoint="sam2.1_hiera_tiny.pt")
+
+
 def test_overrides_reach_the_builder(tiny_grounded_sam2):
     model = tiny_grounded_sam2(image_size=64)
     assert model.image_size == 64

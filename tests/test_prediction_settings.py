@@ -41,3 +41,13 @@ def test_one_to_many_outputs_are_the_dac_queries_and_need_nms(grounding_batch):
     torch.testing.assert_close(o2m["pred_boxes"], dac["pred_boxes_o2m"])
     torch.testing.assert_close(o2o["pred_logits"], dac["pred_logits"])
     assert not torch.allclose(o2m["pred_logits"], o2o["pred_logits"])
+
+
+def test_component_outputs_come_from_the_semantic_mask():
+    import pytest
+
+    module = GroundingModule(model="grounded_sam2_tiny", prediction=PredictSettings(outputs="components"))
+    assert module.model.instances == "components" and not module.model.one_to_many_outputs
+    assert GroundingModule(model="grounded_sam2_tiny").model.instances == "queries"
+    with pytest.raises(ValueError, match="one_to_one, one_to_many or components"):
+        PredictSettings(outputs="blobs")

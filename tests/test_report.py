@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines.overlay import draw_masks
 from sambridge.metrics import QueryTable, true_positives
 from sambridge.report import (
     PHRASE_COLUMNS,
     QueryView,
     log_figure,
-    overlay,
     phrase_table_markdown,
     query_grid_figure,
     rank_queries,
@@ -80,7 +80,7 @@ def _view(seed: int) -> QueryView:
 
 def test_overlay_colours_masked_pixels_only():
     view = _view(0)
-    drawn = overlay(view.image, view.gt_masks)
+    drawn = draw_masks(view.image, view.gt_masks, alpha=0.5)
     assert (drawn[~view.gt_masks.any(0)] == view.image[~view.gt_masks.any(0)]).all()
     assert (drawn[view.gt_masks[0]] != view.image[view.gt_masks[0]]).any()
 

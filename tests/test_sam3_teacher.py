@@ -181,8 +181,8 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(teacher, tmp_path):
     torch.save({k.removeprefix("detector."): v for k, v in teacher.state_dict().items()}, foreign)
     with pytest.raises(CheckpointError, match="no 'detector.\\*' entries"):
         load_teacher(foreign, model="sam3_image_tiny")
-    with pytest.raises(ValueError, match="a SAM3 teacher has no SAM2 parts"):
-        tiny_teacher(sam2_checkpoint="sam2.1_hiera_tiny.pt")
+    with pytest.raises(ValueError, match="'sam3_image_tiny' does not take \\['sam2_checkpoint'\\]"):
+        tiny_teacher(sam2_checkpoint="sam2.1_hiera_tiny.pt")  # a SAM3 teacher has no SAM2 parts
 
 
 # ---------------------------------------------------------------------- training

@@ -12,9 +12,10 @@ from lightning.pytorch.callbacks import Callback
 
 from data_pipelines.atomic import write_json_atomic
 from data_pipelines.batch import GroundingBatch
+from data_pipelines.overlay import Detection, draw_detections
 from sambridge.metrics import batch_prediction_records
 from sambridge.metrics.saco import batch_ground_truth
-from sambridge.visualize import Detection, draw_detections, to_uint8_image
+from sambridge.visualize import to_uint8_image
 
 
 class PredictionWriter(Callback):

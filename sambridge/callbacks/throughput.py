@@ -29,6 +29,9 @@ class Throughput(Callback):
     synchronised at the end of each step so that asynchronous CUDA work is charged to the step, not to
     the wait that follows it. ``last_metrics`` holds the latest values.
 
+    Why not Lightning's ``ThroughputMonitor``: it gives rates only (one rank's times the world size, a fixed
+    batch size assumed), not the data-wait/compute split, queries per batch that vary, or peak memory.
+
     Args:
         window: batches per measurement (default: the trainer's ``log_every_n_steps``).
         synchronize: synchronise CUDA at the end of each step (exact split of compute and wait).

@@ -12,6 +12,11 @@ queries that are not exhaustively annotated:
   non-exhaustive query without instances (nothing known) is left out; exhaustive negatives train
   the presence head towards "absent", queries with instances towards "present".
 
+Optionally (``semantic_bce``/``semantic_dice`` > 0) the head's semantic mask learns the union of the
+query's instances (as sam3's ``SemanticSegCriterion`` with a presence head: BCE over queries whose
+extent is known, with instances or exhaustive negatives; dice over queries with instances); it feeds
+``postprocess(instances="components")``.
+
 SAM2 terms supervise the mask decoder prompted with each matched query's predicted box (focal,
 dice, IoU-prediction L1, object score; with several masks per box only the lowest focal+dice
 mask gets focal and dice), using sam3's implementations of those functions.
@@ -19,7 +24,8 @@ mask gets focal and dice), using sam3's implementations of those functions.
 Term names follow sam3: ``loss_bbox``, ``loss_giou``, ``loss_ce``, ``presence_loss``, ``loss_mask``,
 ``loss_dice``, with ``_aux_<i>`` for decoder layer i and ``_o2m`` for the one-to-many queries (as
 in sam3, ``_o2m`` terms come already multiplied by the ``o2m`` weight); SAM2's are ``refine_loss_mask``,
-``refine_loss_dice``, ``refine_loss_iou`` and ``refine_loss_class``. ``loss`` is the weighted total.
+``refine_loss_dice``, ``refine_loss_iou`` and ``refine_loss_class``; the semantic ones
+``loss_semantic_seg`` and ``loss_semantic_dice``. ``loss`` is the weighted total.
 
 Usage::
 
@@ -108,7 +114,10 @@ class GroundingLoss(nn.Module):
         mask_stride: Compare the head's matched masks with the ground truth at this stride of the
             input canvas (1 = full resolution: the stride-4 logits are upsampled bilinearly first,
             as at inference, so boundaries are learnt below the head's own resolution); ``None``
-            (SAM3's recipe): at the head's own mask resolution.
+            (SAM3's recipe): at the head's own mask resolution. The semantic mask follows it.
+        semantic_bce: Weight of the BCE on the head's semantic mask (0: no semantic loss, SAM3's
+            image recipe here).
+        semantic_dice: Weight of the dice loss on the head's semantic mask.
     """
 
     def __init__(
@@ -137,8 +146,11 @@ class GroundingLoss(nn.Module):
         refine_object_score: float = 1.0,
         refine_supervise_all_iou: bool = True,
         mask_stride: int | None = None,
+        semantic_bce: float = 0.0,
+        semantic_dice: float = 0.0,
     ) -> None:
         super().__init__()
+        self.semantic_weights = {"loss_semantic_seg": semantic_bce, "loss_semantic_dice": semantic_dice}
         if mask_stride is not None and mask_stride < 1:
             raise ValueError(f"mask_stride must be a positive integer or None, got {mask_stride}")
         self.mask_stride = mask_stride
@@ -216,6 +228,10 @@ class GroundingLoss(nn.Module):
             if "presence_logit_dec" in out:
                 terms[f"presence_loss{suffix}"] = self._presence(out["presence_logit_dec"], targets)
                 total = total + self.presence_weight * terms[f"presence_loss{suffix}"]
+        if any(self.semantic_weights.values()):
+            semantic_terms = self._semantic(outputs["semantic_seg"], targets)
+            terms.update(semantic_terms)
+            total = total + sum(self.semantic_weights[k] * v for k, v in semantic_terms.items())
         if "refine" in outputs:
             refine_terms = self._refine(outputs["refine"], targets["masks"])
             terms.update(refine_terms)
@@ -241,6 +257,26 @@ class GroundingLoss(nn.Module):
             triton=False,
         )
         return (per_query * known).sum() / self._normaliser(known.sum(), logits.device)
+
+    def _semantic(self, logits: Tensor, targets: dict) -> dict[str, Tensor]:
+        """BCE (queries whose extent is known) and dice (queries with instances, as sam3's
+        ``SemanticSegCriterion`` with a presence head) of each query's semantic mask against the union
+        of its instances; no host sync."""
+        masks, counts = targets["masks"], targets["num_boxes"]
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
+                                        output_size=len(masks))
+        union = masks.new_zeros(len(counts), *masks.shape[-2:]).index_add_(0, owner, masks).clamp_(max=1.0)
+        logits = logits.float()
+        if logits.shape[-2:] != union.shape[-2:]:
+            logits = F.interpolate(logits, size=union.shape[-2:], mode="bilinear", align_corners=False)
+        logits = logits[:, 0].flatten(1)
+        union = union.flatten(1)
+        present = (counts > 0).float()
+        known = torch.maximum(present, targets["is_exhaustive"].float())
+        bce = F.binary_cross_entropy_with_logits(logits, union, reduction="none").mean(1)
+        dice = loss_fns.dice_loss(logits, union, num_boxes=1, reduce=False)
+        return {"loss_semantic_seg": (bce * known).sum() / self._normaliser(known.sum(), logits.device),
+                "loss_semantic_dice": (dice * present).sum() / self._normaliser(present.sum(), logits.device)}
 
     def _refine(self, refine: dict[str, Tensor], masks: Tensor) -> dict[str, Tensor]:
         """SAM2's ``MultiStepMultiMasksAndIous`` recipe (one step) on the box-prompted masks."""

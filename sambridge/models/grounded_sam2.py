@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from data_pipelines.batch import GroundingBatch
+from sambridge.models.components import semantic_components
 from sambridge.models.grounding_head import HEAD_MODULES
 from sambridge.models.matching import FiniteCostMatcher, hungarian_matcher, mask_assignment, to_sam3_targets
 from sambridge.models.sam2_builder import check_image_size
@@ -39,6 +40,9 @@ from sambridge.models.sam2_decoder import Sam2PromptDecoder
 
 PARAMETER_GROUPS = ("backbone", "text", "head", "sam2_decoder", "adapters")
 """Keys of ``GroundedSAM2.parameter_groups()``."""
+
+INSTANCE_SOURCES = ("queries", "components")
+"""Where ``GroundedSAM2.postprocess`` takes its detections from."""
 
 ADAPTER_MARKER = "lora_"
 """Substring of every LoRA adapter parameter name (peft's naming)."""
@@ -71,6 +75,9 @@ class GroundedSAM2(nn.Module):
             several times faster (``docs/training.md``), so ``GroundingModule`` sets this from
             whether the run started from a SAM2 checkpoint.
         nms_iou: What ``postprocess`` suppresses when not told (``None``: nothing).
+        instances: Where ``postprocess``'s detections come from when not told: ``"queries"`` (the
+            DETR decoder's, as SAM3) or ``"components"`` (connected components of the phrase's
+            semantic mask, scored by mean probability x presence; see ``models.components``).
     """
 
     def __init__(
@@ -82,9 +89,13 @@ class GroundedSAM2(nn.Module):
         refine_multimask_output: bool = False,
         refine_masks: bool = True,
         nms_iou: float | None = None,
+        instances: str = "queries",
     ) -> None:
         super().__init__()
         check_image_size(image_size)
+        if instances not in INSTANCE_SOURCES:
+            raise ValueError(f"instances must be one of {INSTANCE_SOURCES}, got {instances!r}")
+        self.instances = instances
         self.refine_masks = refine_masks
         self.nms_iou = nms_iou
         self.detector = detector
@@ -263,6 +274,7 @@ class GroundedSAM2(nn.Module):
         refine: bool | None = None,
         out_hw: tuple[int, int] | None = None,
         nms_iou: float | None = None,
+        instances: str | None = None,
     ) -> dict[str, Tensor]:
         """Top-k detections per query with masks at ``out_hw``.
 
@@ -276,13 +288,18 @@ class GroundedSAM2(nn.Module):
             nms_iou: Also drop (``keep=False``) a detection whose box overlaps a higher-scoring kept
                 one of the same query by IoU above this (torchvision's NMS); ``None``:
                 ``self.nms_iou``.
+            instances: ``"queries"`` (the decoder's detections) or ``"components"`` (connected
+                components of the semantic mask; ``refine`` and ``nms_iou`` do not apply);
+                ``None``: ``self.instances``.
 
         Returns:
             ``scores`` (Q, K'), ``boxes_xyxy`` (Q, K', 4) normalised, ``keep`` (Q, K') bool,
             ``masks`` (Q, K', H, W) bool, ``presence`` (Q,) probability, ``semantic_masks``
-            (Q, H, W) bool (union of kept instances), ``query_indices`` (Q, K').
+            (Q, H, W) bool (union of kept instances), ``query_indices`` (Q, K'; -1 for components).
         """
         out_hw = tuple(out_hw or out["input_hw"])
+        if (self.instances if instances is None else instances) == "components":
+            return self._components(out, top_k, score_threshold, out_hw)
         nms_iou = self.nms_iou if nms_iou is None else nms_iou
         scores = self.scores(out)
         top = scores.topk(min(top_k, scores.shape[1]), dim=1)
@@ -314,6 +331,14 @@ class GroundedSAM2(nn.Module):
             "semantic_masks": masks.any(1),
             "query_indices": top.indices,
         }
+
+    def _components(self, out: dict, top_k: int, score_threshold: float, out_hw: tuple[int, int]) -> dict:
+        presence = out["presence_logit_dec"][:, 0].sigmoid()
+        found = semantic_components(out["semantic_seg"], presence, top_k, out_hw)
+        keep = found["scores"] >= score_threshold
+        masks = found["masks"] & keep[..., None, None]
+        return {**found, "keep": keep, "masks": masks, "presence": presence, "semantic_masks": masks.any(1),
+                "query_indices": torch.full_like(keep, -1, dtype=torch.long)}
 
     @torch.no_grad()
     def segment_with_prompts(

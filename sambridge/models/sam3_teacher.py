@@ -51,7 +51,6 @@ import torch
 from sam3.model.decoder import TransformerDecoder
 from sam3.model.necks import Sam3DualViTDetNeck
 from sam3.model.position_encoding import PositionEmbeddingSine
-from sam3.model.sam3_image import Sam3Image
 from sam3.model.text_encoder_ve import VETextEncoder
 from sam3.model.tokenizer_ve import SimpleTokenizer
 from sam3.model.vitdet import ViT
@@ -163,6 +162,7 @@ class SAM3Teacher(GroundedSAM2):
         self.refine_multimask_output = False
         self.refine_masks = False
         self.nms_iou = None
+        self.instances = "queries"
         self.bf16 = bf16
         self.model_name = model_name
         self.register_buffer("pixel_mean", torch.tensor(SAM3_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -316,18 +316,32 @@ def check_teacher_name(name: object, path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------- builders
-def _no_sam2_checkpoint(sam2_checkpoint: str | os.PathLike | None) -> None:
-    if sam2_checkpoint is not None:
-        raise ValueError(f"a SAM3 teacher has no SAM2 parts; got sam2_checkpoint={sam2_checkpoint}")
+def build_sam3_detector() -> GroundingDetector:
+    """sam3's image model at full size (``build_sam3_image_model`` with segmentation, without the
+    interactive tracker), assembled from the same sam3 builder parts but as a ``GroundingDetector``
+    (``Sam3Image`` with matching moved out of the forward), so no instance changes class afterwards."""
+    from sam3 import model_builder as sam3_builder  # imports sam3's video/tracker modules
 
-
-def _as_grounding_detector(model: Sam3Image) -> GroundingDetector:
-    """Re-class sam3's builder output: ``GroundingDetector`` is ``Sam3Image`` with matching moved out of
-    the forward (no other state or behaviour), so the package's own construction is kept as it is."""
-    if type(model) is not Sam3Image:
-        raise TypeError(f"expected sam3's Sam3Image, got {type(model).__name__}")
-    model.__class__ = GroundingDetector
-    return model
+    apply_sam3_compat()
+    backbone = sam3_builder._create_vl_backbone(
+        sam3_builder._create_vision_backbone(enable_inst_interactivity=False),
+        sam3_builder._create_text_encoder(str(sam3_bpe_path())),
+    )
+    detector = GroundingDetector(
+        backbone=backbone,
+        transformer=sam3_builder._create_sam3_transformer(),
+        input_geometry_encoder=sam3_builder._create_geometry_encoder(),
+        segmentation_head=sam3_builder._create_segmentation_head(),
+        num_feature_levels=1,
+        o2m_mask_predict=True,
+        dot_prod_scoring=sam3_builder._create_dot_product_scoring(),
+        use_instance_query=False,
+        multimask_output=True,
+        inst_interactive_predictor=None,
+        matcher=None,
+    )
+    init_text_embeddings(detector.backbone.language_backbone)
+    return detector
 
 
 def build_sam3_teacher(
@@ -335,9 +349,8 @@ def build_sam3_teacher(
     image_size: int = SAM3_IMAGE_SIZE,
     frozen: bool = True,
     bf16: bool = True,
-    sam2_checkpoint: None = None,
 ) -> SAM3Teacher:
-    """The official SAM3 image model (sam3's ``build_sam3_image_model``) as a teacher, on the CPU.
+    """The official SAM3 image model (sam3's ``build_sam3_image_model`` architecture) as a teacher, on the CPU.
 
     Without ``sam3_checkpoint`` the weights are random (~40 s and 3.4 GB to build on a CPU).
 
@@ -347,26 +360,11 @@ def build_sam3_teacher(
             is resized to it).
         frozen: Start frozen.
         bf16: bf16 autocast for the frozen teacher on CUDA.
-        sam2_checkpoint: Must be ``None`` (accepted for ``GroundingModule``'s uniform call).
     """
-    from sam3.model_builder import build_sam3_image_model  # imports sam3's video/tracker modules
-
-    _no_sam2_checkpoint(sam2_checkpoint)
     if image_size != SAM3_IMAGE_SIZE:
         raise ValueError(f"the SAM3 image model runs at {SAM3_IMAGE_SIZE} px (got image_size={image_size}); "
                          "the teacher resizes any canvas to it")
-    apply_sam3_compat()
-    detector = build_sam3_image_model(
-        bpe_path=str(sam3_bpe_path()),
-        device="cpu",
-        eval_mode=True,
-        checkpoint_path=None,
-        load_from_HF=False,
-        enable_segmentation=True,
-        enable_inst_interactivity=False,
-    )
-    init_text_embeddings(detector.backbone.language_backbone)
-    teacher = SAM3Teacher(_as_grounding_detector(detector), image_size=image_size, frozen=frozen, bf16=bf16,
+    teacher = SAM3Teacher(build_sam3_detector(), image_size=image_size, frozen=frozen, bf16=bf16,
                           model_name=SAM3_IMAGE)
     if sam3_checkpoint is not None:
         load_sam3_checkpoint(teacher, sam3_checkpoint)
@@ -388,7 +386,6 @@ def build_sam3_teacher_tiny(
     sam3_checkpoint: str | os.PathLike | None = None,
     frozen: bool = True,
     bf16: bool = True,
-    sam2_checkpoint: None = None,
 ) -> SAM3Teacher:
     """SAM3's architecture (same classes and wiring as ``build_sam3_image_model``) at tiny width.
 
@@ -410,9 +407,7 @@ def build_sam3_teacher_tiny(
         sam3_checkpoint: A checkpoint in the official SAM3 layout for this architecture.
         frozen: Start frozen.
         bf16: bf16 autocast for the frozen teacher on CUDA.
-        sam2_checkpoint: Must be ``None`` (accepted for ``GroundingModule``'s uniform call).
     """
-    _no_sam2_checkpoint(sam2_checkpoint)
     if not global_blocks or max(global_blocks) != vit_depth - 1 or min(global_blocks) < 0:
         raise ValueError(f"global_blocks {tuple(global_blocks)} must index the {vit_depth} ViT blocks and "
                          "include the last one (the neck reads its output)")

@@ -64,7 +64,8 @@ def save_student(model: nn.Module, name: str, model_args: dict[str, Any], path: 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": STUDENT_FORMAT, "model": name,
               "model_args": json.dumps(architecture_args(model_args), sort_keys=True),
-              "refine_masks": json.dumps(bool(getattr(model, "refine_masks", True)))}  # its validated mask source
+              "refine_masks": json.dumps(bool(getattr(model, "refine_masks", True))),  # its validated mask source
+              "instances": getattr(model, "instances", "queries")}  # and detection source
     if path.suffix == ".safetensors":
         return atomic_write(path, safetensors_bytes(state, metadata=header))
     return atomic_write(path, lambda file: torch.save({**header, "state_dict": state}, file))
@@ -111,4 +112,6 @@ def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     load_state_dict_strict(model, state, f"student file {path}")
     if "refine_masks" in header and hasattr(model, "refine_masks"):  # files before it was recorded: the default
         model.refine_masks = json.loads(header["refine_masks"])
+    if "instances" in header and hasattr(model, "instances"):
+        model.instances = header["instances"]
     return model.eval().to(device)

@@ -25,8 +25,11 @@ def config_arg(value: Config | dict[str, Any] | None, cls: type[Config]) -> Conf
 
 
 class BaseTask(pl.LightningModule):
-    """Hook order: ``save_hyperparameters`` -> ``configure_models`` -> ``configure_losses`` ->
-    ``configure_metrics``. Subclasses implement those and ``_shared_step(batch, stage)``.
+    """The task to train: a sambridge LightningModule, GroundingModule or DistillModule.
+
+    (The first line titles ``--model`` in ``sambridge fit --help``.) Hook order: ``save_hyperparameters``
+    -> ``configure_models`` -> ``configure_losses`` -> ``configure_metrics``. Subclasses implement those
+    and ``_shared_step(batch, stage)``.
 
     ``monitor``/``mode`` name the metric checkpoints and early stopping key on.
 

@@ -13,15 +13,17 @@ Both modes give the teacher's outputs to the loss in the same form (top-K detect
 feature distillation needs the teacher online; text-token distillation runs only the teacher's text
 encoder, so it works offline too (the teacher is then built, but its image encoder never runs).
 
-The teacher is kept out of the module tree: it is not saved in checkpoints (it is rebuilt from
-``teacher``), not wrapped by DDP/FSDP and never seen by the optimiser. Validation reports the same
+The teacher is a registered model name (``teacher``) plus, optionally, the weights to load into it
+(``teacher_checkpoint``: an official ``sam3.pt`` or a Lightning checkpoint of a trained teacher). It
+is held by a plain :class:`TeacherHolder`, not as a submodule, so it is outside ``parameters()`` and
+``state_dict()``: never in the optimiser or the checkpoint (it is rebuilt from the two arguments),
+not wrapped by DDP/FSDP, and moved to the student's device on first use. Validation reports the same
 metrics as ``GroundingModule`` (cgF1 on ground truth), so student and teacher scores compare.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -33,6 +35,7 @@ from sambridge.losses.distill import DistillLoss, DistillWeights, uses_terms
 from sambridge.models import LoraSettings, apply_finetune_mode, create_model
 from sambridge.models.checkpoint_io import check_state_dict
 from sambridge.models.grounding_head import head_state_dict, with_own_query_selection
+from sambridge.models.sam3_teacher import TEACHER_MODELS
 from sambridge.models.teacher_targets import STORAGE_DTYPE, pooled_query_features, select_teacher_targets
 from sambridge.modules.base import config_arg
 from sambridge.modules.checkpoint import STUDENT_SPEC_KEY, load_teacher
@@ -47,13 +50,29 @@ from sambridge.optim import OptimizerConfig
 
 DistillMode = Literal["online", "offline"]
 
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 _POOLED = "pooled_features"
 _VALID = "valid"
 
 
-def _is_checkpoint_path(teacher: str) -> bool:
-    return Path(teacher).suffix in _CHECKPOINT_SUFFIXES or "/" in teacher or Path(teacher).exists()
+@dataclass
+class TeacherHolder:
+    """The frozen teacher, held outside the LightningModule's module tree.
+
+    ``nn.Module`` registers only modules, parameters and buffers assigned to it; a plain object keeps
+    the teacher out of ``parameters()``, ``state_dict()``, DDP/FSDP wrapping and Lightning's moves.
+    """
+
+    model: nn.Module
+
+
+def check_teacher_arg(teacher: str) -> None:
+    """Refuse a ``teacher`` that is not a registered SAM3 teacher (a checkpoint path included)."""
+    if teacher not in TEACHER_MODELS:
+        raise ValueError(
+            f"teacher must be a registered SAM3 teacher {list(TEACHER_MODELS)}, got {teacher!r}; "
+            "a checkpoint (official sam3.pt or a trained teacher's .ckpt) goes in teacher_checkpoint, "
+            "e.g. teacher: sam3_image, teacher_checkpoint: checkpoints/sam3.pt"
+        )
 
 
 class DistillModule(GroundingModule):
@@ -62,8 +81,11 @@ class DistillModule(GroundingModule):
     Args:
         model: registered student model (``sambridge.models.list_models()``), e.g. ``grounded_sam2_student``.
         model_args: overrides passed to ``create_model`` for the student (its ``image_size`` included).
-        teacher: registered teacher name (``sam3_image``, ``sam3_image_tiny``) or a checkpoint path
-            (official ``sam3.pt`` or a Lightning checkpoint of a trained teacher; ``load_teacher``).
+        teacher: registered teacher model (``sam3_image``, ``sam3_image_tiny``); a path is refused
+            (it goes in ``teacher_checkpoint``).
+        teacher_checkpoint: weights for the teacher: an official ``sam3.pt`` or a Lightning checkpoint
+            of a trained teacher (``load_teacher``; its model must be ``teacher``); ``None``: random
+            weights (tests, smoke runs).
         teacher_args: overrides for the teacher's ``create_model`` / ``load_teacher``.
         mode: ``online`` runs the teacher on every batch; ``offline`` reads ``batch.teacher`` (shards
             with ``teacher.safetensors``).
@@ -93,6 +115,7 @@ class DistillModule(GroundingModule):
         model: str = "grounded_sam2_student_tiny",
         model_args: dict[str, Any] | None = None,
         teacher: str = "sam3_image_tiny",
+        teacher_checkpoint: str | None = None,
         teacher_args: dict[str, Any] | None = None,
         mode: DistillMode = "online",
         distill: DistillWeights | None = None,
@@ -133,6 +156,7 @@ class DistillModule(GroundingModule):
             raise ValueError(f"mode must be 'online' or 'offline', got {hp.mode!r}")
         self.distill_weights = config_arg(hp.distill, DistillWeights)
         self._check_mode_supports_weights()
+        check_teacher_arg(hp.teacher)
         self.model = create_model(
             hp.model,
             sam2_checkpoint=hp.sam2_checkpoint,
@@ -142,13 +166,19 @@ class DistillModule(GroundingModule):
         needs_teacher = hp.mode == "online" or hp.init_head_from_teacher or self._uses("text_")
         teacher = self._build_teacher() if needs_teacher else None
         if hp.init_head_from_teacher:
-            init_head_from(self.model, teacher, source=f"teacher {hp.teacher!r}")
+            weights = hp.teacher_checkpoint or "random weights"
+            init_head_from(self.model, teacher, source=f"teacher {hp.teacher!r} ({weights})")
         apply_finetune_mode(self.model, hp.finetune, lora=config_arg(hp.lora, LoraSettings))
         self.predict_settings = config_arg(hp.prediction, PredictSettings)
         apply_prediction_settings(self.model, hp.sam2_checkpoint, self.predict_settings)
         keep = hp.mode == "online" or self._uses("text_")
-        object.__setattr__(self, "teacher", teacher if keep else None)  # outside the module tree (see above)
+        self._teacher = TeacherHolder(teacher) if keep and teacher is not None else None
         self.teacher_dim = self._teacher_dim(teacher)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher (``None`` offline without text distillation); not a submodule (see above)."""
+        return None if self._teacher is None else self._teacher.model
 
     def _uses(self, prefix: str) -> bool:
         return uses_terms(self.distill_weights, prefix)
@@ -165,11 +195,10 @@ class DistillModule(GroundingModule):
     def _build_teacher(self) -> nn.Module:
         hp = self.hparams
         args = dict(hp.teacher_args or {})
-        teacher = (
-            load_teacher(hp.teacher, **args)
-            if _is_checkpoint_path(hp.teacher)
-            else create_model(hp.teacher, **args)
-        )
+        if hp.teacher_checkpoint is None:
+            teacher = create_model(hp.teacher, **args)
+        else:
+            teacher = load_teacher(hp.teacher_checkpoint, model=hp.teacher, **args)
         return teacher.requires_grad_(False).eval()
 
     def _teacher_dim(self, teacher: nn.Module | None) -> int:

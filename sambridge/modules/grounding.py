@@ -32,7 +32,9 @@ class PredictSettings:
             the head's masks otherwise (a random decoder learns several times slower than the head).
         outputs: which decoder queries make the detections: ``one_to_one`` (SAM3's inference) or
             ``one_to_many`` (the DAC queries, trained with several matches per object: their scores
-            learn far sooner, and ``nms_iou`` removes their duplicates).
+            learn far sooner, and ``nms_iou`` removes their duplicates), or ``components``: the
+            connected components of the phrase's semantic mask, scored by mean probability x
+            presence (needs ``loss.semantic_bce``/``semantic_dice``; touching instances merge).
         nms_iou: drop detections whose box overlaps a higher-scoring one of the same phrase by IoU
             above this (``null``: none); required with ``one_to_many`` outputs.
     """
@@ -40,12 +42,13 @@ class PredictSettings:
     top_k: int = 20
     score_threshold: float = 0.1
     refine: bool | None = None
-    outputs: Literal["one_to_one", "one_to_many"] = "one_to_one"
+    outputs: Literal["one_to_one", "one_to_many", "components"] = "one_to_one"
     nms_iou: float | None = None
 
     def __post_init__(self) -> None:
-        if self.outputs not in ("one_to_one", "one_to_many"):
-            raise ValueError(f"prediction.outputs must be one_to_one or one_to_many, got {self.outputs!r}")
+        if self.outputs not in ("one_to_one", "one_to_many", "components"):
+            raise ValueError("prediction.outputs must be one_to_one, one_to_many or components, "
+                             f"got {self.outputs!r}")
         if self.outputs == "one_to_many" and self.nms_iou is None:
             raise ValueError("prediction.outputs: one_to_many needs prediction.nms_iou (e.g. 0.5): "
                              "several one-to-many queries predict each object")
@@ -63,6 +66,7 @@ def apply_prediction_settings(model: nn.Module, sam2_checkpoint: str | None,
     settings = config_arg(prediction, PredictSettings)
     model.refine_masks = refine_by_default(sam2_checkpoint, settings)
     model.one_to_many_outputs = settings.outputs == "one_to_many"
+    model.instances = "components" if settings.outputs == "components" else "queries"
     model.nms_iou = settings.nms_iou
 
 
@@ -87,6 +91,9 @@ class GroundingLossWeights:
             that the detection is right, which SAM3's 0.5 threshold assumes).
         mask_stride: stride of the input canvas at which the head's masks are compared with the
             ground truth (1: full resolution); ``null``: the head's own resolution (stride 4).
+        semantic_bce: BCE on the head's semantic mask (the union of the phrase's instances); 0:
+            none. Needed by ``prediction.outputs: components``.
+        semantic_dice: dice loss on the head's semantic mask.
     """
 
     box_l1: float = 5.0
@@ -102,6 +109,8 @@ class GroundingLossWeights:
     o2m: float = 2.0
     score_target: Literal["iou", "binary"] = "iou"
     mask_stride: int | None = None
+    semantic_bce: float = 0.0
+    semantic_dice: float = 0.0
 
 
 class GroundingModule(BaseTask):
@@ -143,8 +152,9 @@ class GroundingModule(BaseTask):
         overrides = dict(hp.model_args or {})
         if hp.image_size is not None:
             overrides["image_size"] = hp.image_size
-        self.model = create_model(hp.model, sam2_checkpoint=hp.sam2_checkpoint,
-                                  sam3_checkpoint=hp.sam3_checkpoint, **overrides)
+        checkpoints = {"sam2_checkpoint": hp.sam2_checkpoint, "sam3_checkpoint": hp.sam3_checkpoint}
+        overrides.update({k: v for k, v in checkpoints.items() if v is not None})  # teachers take no SAM2 one
+        self.model = create_model(hp.model, **overrides)
         apply_finetune_mode(self.model, hp.finetune, lora=config_arg(hp.lora, LoraSettings))
         self.predict_settings = config_arg(hp.prediction, PredictSettings)
         apply_prediction_settings(self.model, hp.sam2_checkpoint, self.predict_settings)

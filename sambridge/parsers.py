@@ -1,0 +1,144 @@
+"""The command lines of ``sambridge``'s tool commands, and the names of its training commands.
+
+Only argparse here: no torch, Lightning or model import, so ``sambridge COMMAND --help`` (and a usage
+error) answers in well under a second instead of the seven it takes to import them. :mod:`sambridge.cli`
+parses a tool command's arguments with its parser here before importing the command's module; the
+module's ``main(argv)`` parses with the same parser, setting the defaults it owns (``set_defaults``)
+where they are constants of heavy modules, then runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+from data_pipelines.writer import add_sink_arguments
+
+TRAINING_COMMANDS = {
+    "fit": "train a model (--config FILE, then --trainer.*, --model.*, --data.* overrides)",
+    "validate": "one evaluation epoch over the validation set",
+    "test": "one evaluation epoch over the test set",
+    "predict": "predict over the predict set (PredictionWriter writes COCO results and overlays)",
+}
+"""``sambridge``'s LightningCLI subcommands and their one-line help."""
+
+RESUME_HELP = ("--ckpt_path auto resumes from the furthest complete checkpoint of the run (under "
+               "--trainer.default_root_dir and the checkpoint callbacks' dirpath), or starts afresh when there is "
+               "none; fit under SLURM does so by default (docs/cluster.md).")
+"""What the training commands' help says about ``--ckpt_path auto`` (:mod:`sambridge.checkpointing`)."""
+
+
+def module_doc(module: str) -> str:
+    """The docstring of ``module``, read from its source without importing it (which would import torch)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"no module {module}")
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    """``sambridge evaluate`` (:mod:`sambridge.evaluate`); it sets the defaults of ``--score-threshold`` and
+    ``--max-dets`` (SAM3's and COCO's, constants of :mod:`sambridge.metrics`)."""
+    parser = argparse.ArgumentParser(
+        prog="sambridge evaluate",
+        description="SA-Co metrics (cgF1, pmF1, IL_MCC as SAM3 computes them), mask AP, IoU, counting "
+                    "error and duplicate rate of COCO-format predictions against SA-Co ground truth.")
+    parser.add_argument("--gt", nargs="+", required=True, metavar="GT.json",
+                        help="SA-Co ground truth; several files = versions of it (SAM3's oracle evaluation)")
+    parser.add_argument("--pred", required=True, metavar="PRED.json", help="COCO results list")
+    parser.add_argument("--baseline", metavar="REF.json",
+                        help="a second COCO results list on the same queries (a simple heuristic, the untrained or "
+                             "pretrained model) scored alongside: metrics and per-phrase table side by side")
+    parser.add_argument("--baseline-name", default="baseline", help="column name of --baseline (default baseline)")
+    parser.add_argument("--calibration", metavar="calibration.png",
+                        help="write a reliability diagram of the detection scores (and of --baseline's)")
+    parser.add_argument("--out", metavar="metrics.json", help="write all metrics and settings as JSON")
+    parser.add_argument("--per-phrase", metavar="per_phrase.csv",
+                        help="write the per-phrase table as CSV, and as Markdown next to it (.md)")
+    parser.add_argument("--grid", metavar="queries.png", help="write a PNG of the best and worst queries")
+    parser.add_argument("--image-root", metavar="DIR",
+                        help="folder the ground truth's file_name paths are in (needed by --grid)")
+    parser.add_argument("--grid-queries", type=int, default=4, metavar="K",
+                        help="best and worst queries to show in --grid (default 4 each)")
+    parser.add_argument("--score-threshold", type=float,
+                        help="predictions scoring at least this are detections (default 0.5, as SAM3)")
+    parser.add_argument("--max-dets", type=int,
+                        help="detections per query that count for AP (default 100, as COCO)")
+    return parser
+
+
+def export_parser() -> argparse.ArgumentParser:
+    """``sambridge export`` (:mod:`sambridge.export`)."""
+    parser = argparse.ArgumentParser(prog="sambridge export",
+                                     description=module_doc("sambridge.export").split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint (.ckpt) of a training run")
+    parser.add_argument(
+        "--out", required=True, help="student file: .safetensors, or a torch.save file such as student.pt"
+    )
+    parser.add_argument("--adapters-only", action="store_true",
+                        help="LoRA runs: write only the adapters + head (.safetensors) for load_adapters")
+    return parser
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    """``sambridge demo`` (:mod:`sambridge.demo`); it sets the default of ``--config``."""
+    parser = argparse.ArgumentParser(prog="sambridge demo", description=module_doc("sambridge.demo"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="training config (default configs/demo/grounding_tiny.yaml)")
+    parser.add_argument("--data", default="data/synthetic_demo", help="synthetic shard directory")
+    parser.add_argument("--out", default="runs/demo", help="run directory")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the config's trainer.max_steps")
+    parser.add_argument("--num-train", type=int, default=2000, help="synthetic training images (if generated)")
+    parser.add_argument("--overlays", type=int, default=12, help="held-out overlay PNGs to write")
+    parser.add_argument("--overlay-threshold", type=float, default=0.5,
+                        help="draw detections scoring at least this (SAM3's threshold, the one cgF1 uses)")
+    return parser
+
+
+def pseudo_label_parser() -> argparse.ArgumentParser:
+    """``sambridge pseudo-label`` (:mod:`sambridge.pseudo_label`, whose docstring is the description); it
+    sets the defaults of the labelling thresholds (``LabelSettings``) and of ``--device``."""
+    parser = argparse.ArgumentParser(prog="sambridge pseudo-label", description=module_doc("sambridge.pseudo_label"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True,
+                        help="official sam3.pt, or a sambridge training checkpoint of a SAM3 teacher")
+    parser.add_argument("--model", default=None,
+                        help="registered teacher to build for an official checkpoint (default: sam3_image)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images, searched recursively")
+    source.add_argument("--shards", help="existing shards: a directory, brace pattern or URL pattern")
+    parser.add_argument("--vocabulary", nargs="+", default=[],
+                        help="vocabulary file(s) whose canonical phrases every image is asked")
+    parser.add_argument("--keep-labels", action="store_true",
+                        help="shard input: queries the input annotates keep their own instances")
+    parser.add_argument("--source", help="image folders: dataset label (default: images:<folder name>)")
+    parser.add_argument("--score-threshold", type=float,
+                        help="detections scoring at least this become instances (SAM3's own: 0.5)")
+    parser.add_argument("--uncertain-score", type=float,
+                        help="a detection scoring between this and --score-threshold makes its query "
+                             "non-exhaustive")
+    parser.add_argument("--presence-threshold", type=float,
+                        help="a query without instances is an exhaustive negative below this presence")
+    parser.add_argument("--top-k", type=int, help="soft-target detections per query")
+    parser.add_argument("--mask-size", type=int, help="side of the soft targets' mask logits")
+    parser.add_argument("--pooled-features", action="store_true",
+                        help="also cache each query's pooled fusion-encoder features (offline distill.pooled_*)")
+    parser.add_argument("--canvas-size", type=int,
+                        help="square canvas side (default: the teacher's input size)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per teacher forward")
+    parser.add_argument("--query-chunk", type=int, default=16, help="queries per head call (memory)")
+    parser.add_argument("--device", help="device of the teacher (default: cuda if available)")
+    add_sink_arguments(parser, default_prefix="pseudo")
+    return parser
+
+
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "evaluate": evaluate_parser,
+    "export": export_parser,
+    "demo": demo_parser,
+    "pseudo-label": pseudo_label_parser,
+}
+"""Tool command -> its parser (``sambridge data`` has its own light dispatcher, :mod:`data_pipelines.cli`)."""

@@ -1,0 +1,153 @@
+"""The training commands: ``sambridge fit|validate|test|predict`` (``train.py``), one LightningCLI.
+
+Imported by :mod:`sambridge.cli` only when a training command runs (or prints its help): Lightning and
+the models take seconds to import, which the tool commands and ``sambridge --help`` do not need.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+from data_pipelines.datamodule import ShardDataModule
+from sambridge.callbacks.data_health import DataHealth
+from sambridge.callbacks.timeline import Timeline
+from sambridge.checkpointing import (
+    AUTO,
+    check_checkpoint,
+    checkpoint_step,
+    resolve_resume_checkpoint,
+    use_atomic_checkpoint_io,
+)
+from sambridge.modules import BaseTask
+from sambridge.parsers import RESUME_HELP, TRAINING_COMMANDS
+
+IMPORTED_AT = time.time()
+"""When this module (and with it torch, Lightning and sambridge's training code) finished importing: the
+``imports`` mark of :class:`sambridge.callbacks.timeline.Timeline`."""
+
+MID_EPOCH_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
+"""Lightning's warning on resuming mid-epoch; ``ShardDataModule`` resumes its stream there (its ``state_dict``),
+so ``fit`` on one does not print it."""
+
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+"""``ckpt_path`` values Lightning resolves itself."""
+
+
+class SambridgeCLI(LightningCLI):
+    """LightningCLI over sambridge's task and data module base classes (configs name subclasses).
+
+    On top of Lightning's: checkpoints are written atomically (``AtomicCheckpointIO``, unless the
+    trainer was given another writer); ``--ckpt_path auto`` resumes from the newest complete
+    checkpoint of the run (under ``trainer.default_root_dir`` or a checkpoint callback's
+    ``dirpath``), skipping truncated ones with a warning, and ``fit`` under SLURM does so by
+    default; an explicit ``--ckpt_path`` is checked before Lightning unpickles it.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
+        parser.link_arguments("data.init_args.image_size", "model.init_args.image_size",
+                              apply_on="parse")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        # Lightning's hook that adds the subcommand's own arguments (``ckpt_path``): say what ``auto`` does
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions:
+            if action.dest == "ckpt_path" and action.help:
+                action.help = f"A checkpoint file, ``{AUTO}`` or one of Lightning's keywords. {RESUME_HELP} " \
+                              f"Lightning: {action.help}"
+        return parser
+
+    def parse_arguments(self, parser, args) -> None:  # noqa: D102
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        requested = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if requested is not None and str(requested) not in (AUTO, *LIGHTNING_CKPT_ALIASES) and \
+                "://" not in str(requested):
+            check_checkpoint(requested)  # before Lightning unpickles it for its hyper-parameters
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer)
+        if not any(isinstance(cb, DataHealth) for cb in trainer.callbacks):
+            trainer.callbacks.append(DataHealth())
+        return trainer
+
+    def instantiate_classes(self) -> None:  # noqa: D102
+        super().instantiate_classes()
+        self._built_at = time.time()  # the Timeline's "built" mark
+
+    def before_fit(self) -> None:  # noqa: D102
+        self._resolve_ckpt_path()
+        self._mark_timeline()
+        if isinstance(self.datamodule, ShardDataModule):  # it resumes mid-epoch (docs/cluster.md)
+            warnings.filterwarnings("ignore", message=MID_EPOCH_WARNING, category=PossibleUserWarning,
+                                    module=r"lightning\.pytorch\.loops\.training_epoch_loop")
+
+    def before_validate(self) -> None:  # noqa: D102
+        self._resolve_ckpt_path()
+        self._mark_timeline()
+
+    def before_test(self) -> None:  # noqa: D102
+        self._resolve_ckpt_path()
+        self._mark_timeline()
+
+    def before_predict(self) -> None:  # noqa: D102
+        self._resolve_ckpt_path()
+        self._mark_timeline()
+
+    def _mark_timeline(self) -> None:
+        """Give ``Timeline`` callbacks the start-up marks only the CLI sees: imports done, classes built."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, Timeline):
+                callback.mark("imports_done", IMPORTED_AT)
+                callback.mark("built", self._built_at)
+
+    def _resolve_ckpt_path(self) -> None:
+        config = self.config_init[self.subcommand]
+        requested = config.get("ckpt_path")
+        configured_root = config["trainer"].get("default_root_dir") is not None
+        if requested is None and self.subcommand == "fit" and SLURMEnvironment.detect() and configured_root:
+            requested = AUTO  # a requeued SLURM job continues its run
+        if requested == AUTO:
+            if not configured_root:
+                raise ValueError(f"--ckpt_path {AUTO} resumes the run in --trainer.default_root_dir: set it")
+            found = resolve_resume_checkpoint(run_directories(self.trainer))
+            rank_zero_info(f"--ckpt_path {AUTO}: " + (
+                f"resuming from {found} (step {checkpoint_step(found)}, the furthest complete one)" if found
+                else "no checkpoint in the run directory, starting afresh"))
+            config["ckpt_path"] = None if found is None else str(found)
+
+
+def run_directories(trainer: Trainer) -> list[Path]:
+    """Where a run's checkpoints live: its root directory and its checkpoint callbacks' directories."""
+    roots = [trainer.default_root_dir]
+    roots += [cb.dirpath for cb in trainer.checkpoint_callbacks
+              if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    return list(dict.fromkeys(Path(r).resolve() for r in roots))
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True, prog: str | None = None) -> SambridgeCLI:
+    """Build (and by default run) the training CLI; ``args`` as on the command line, ``prog`` the program's
+    name in usage lines (default: the script's file name)."""
+    main_parser = {} if prog is None else {"prog": prog}
+    return SambridgeCLI(
+        BaseTask,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={**main_parser, **{name: {"description": f"{help_[0].upper()}{help_[1:]}. {RESUME_HELP}"}
+                                         for name, help_ in TRAINING_COMMANDS.items()}},
+        args=args,
+        run=run,
+    )
