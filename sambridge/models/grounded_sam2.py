@@ -25,6 +25,8 @@ Training notes:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from sam3.model.data_misc import FindStage
@@ -78,6 +80,10 @@ class GroundedSAM2(nn.Module):
         instances: Where ``postprocess``'s detections come from when not told: ``"queries"`` (the
             DETR decoder's, as SAM3) or ``"components"`` (connected components of the phrase's
             semantic mask, scored by mean probability x presence; see ``models.components``).
+        check_size: Raises ``ValueError`` for an image size the backbone cannot take (default:
+            SAM2's multiples of 32).
+        pixel_mean: Input normalisation mean (default: the vision backbone's ``pixel_mean``).
+        pixel_std: Input normalisation std (default: the vision backbone's ``pixel_std``).
     """
 
     def __init__(
@@ -90,9 +96,12 @@ class GroundedSAM2(nn.Module):
         refine_masks: bool = True,
         nms_iou: float | None = None,
         instances: str = "queries",
+        check_size: Callable[[int], None] = check_image_size,
+        pixel_mean: Sequence[float] | None = None,
+        pixel_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        check_image_size(image_size)
+        check_size(image_size)
         if instances not in INSTANCE_SOURCES:
             raise ValueError(f"instances must be one of {INSTANCE_SOURCES}, got {instances!r}")
         self.instances = instances
@@ -104,8 +113,10 @@ class GroundedSAM2(nn.Module):
         self.image_size = image_size
         self.refine_multimask_output = refine_multimask_output
         vision = detector.backbone.vision_backbone
-        self.register_buffer("pixel_mean", torch.tensor(vision.pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(vision.pixel_std).view(1, 3, 1, 1), persistent=False)
+        mean = vision.pixel_mean if pixel_mean is None else pixel_mean
+        std = vision.pixel_std if pixel_std is None else pixel_std
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def vision(self) -> nn.Module:

@@ -62,7 +62,7 @@ from sambridge.compat import apply_sam3_compat
 from sambridge.models.checkpoint_io import CheckpointError, load_state_dict_strict, read_weights
 from sambridge.models.grounded_sam2 import GroundedSAM2, _unique
 from sambridge.models.grounding_head import TINY_HEAD, GroundingDetector, HeadConfig, build_detector
-from sambridge.models.matching import FiniteCostMatcher, hungarian_matcher
+from sambridge.models.matching import FiniteCostMatcher
 from sambridge.models.registry import create_model, list_models, register_model
 
 SAM3_IMAGE_SIZE = 1008
@@ -147,26 +147,17 @@ class SAM3Teacher(GroundedSAM2):
         matcher: FiniteCostMatcher | None = None,
         model_name: str | None = None,
     ) -> None:
-        # GroundedSAM2.__init__ enforces SAM2's size rule (multiples of 32) and reads its adapter's
-        # normalisation; the teacher sets the same attributes for SAM3's rules instead.
-        nn.Module.__init__(self)
         patch = detector.backbone.vision_backbone.trunk.patch_embed.proj.kernel_size[0]
-        if image_size <= 0 or image_size % patch:
-            raise ValueError(f"image_size must be a positive multiple of the ViT patch size {patch}, "
-                             f"got {image_size}")
-        self.detector = detector
-        self.prompt_decoder = None
-        self.matcher = matcher if matcher is not None else hungarian_matcher()
-        self.image_size = image_size
+
+        def check_size(size: int) -> None:
+            if size <= 0 or size % patch:
+                raise ValueError(f"image_size must be a positive multiple of the ViT patch size {patch}, got {size}")
+
+        super().__init__(detector, image_size, prompt_decoder=None, matcher=matcher, refine_masks=False,
+                         check_size=check_size, pixel_mean=SAM3_PIXEL_MEAN, pixel_std=SAM3_PIXEL_STD)
         self.patch_size = patch
-        self.refine_multimask_output = False
-        self.refine_masks = False
-        self.nms_iou = None
-        self.instances = "queries"
         self.bf16 = bf16
         self.model_name = model_name
-        self.register_buffer("pixel_mean", torch.tensor(SAM3_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(SAM3_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         reset_device_caches(self)
         if frozen:
             self.freeze()
