@@ -1,7 +1,7 @@
 """Overlay pictures: instance masks, boxes and labels drawn on an image, with torchvision's drawing utilities.
 
 The one overlay renderer of the project: ``sambridge data inspect --grid``, the ``PredictionWriter``
-callback, the evaluation report's query grid and ``scripts/segment.py`` all draw through it. It sits
+callback, the evaluation report's query grid and ``sambridge segment`` all draw through it. It sits
 in the data layer so that the data tools can use it without importing ``sambridge``.
 """
 

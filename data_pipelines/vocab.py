@@ -174,6 +174,23 @@ def load_vocabulary(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> V
 # ----------------------------------------------------------------------------------------------
 # parsing
 # ----------------------------------------------------------------------------------------------
+def command_phrases(texts: Sequence[str], vocabulary: str | os.PathLike | None, purpose: str) -> list[str]:
+    """The normalised, deduplicated phrases of a command's ``--text`` (repeatable) then ``--vocabulary``
+    file, in order; ``purpose`` says what they are for in the error when there are none."""
+    blank = [t for t in texts if not normalize_phrase(t)]
+    if blank:
+        raise VocabularyError(f"--text must be a noun phrase, got {blank}")
+    phrases = [normalize_phrase(t) for t in texts]
+    if vocabulary:
+        found = load_vocabulary(vocabulary).phrases
+        if not found:
+            raise VocabularyError(f"--vocabulary {vocabulary} holds no phrase")
+        phrases += found
+    if not phrases:
+        raise VocabularyError(f"no phrase to {purpose}: give --text and/or --vocabulary")
+    return list(dict.fromkeys(phrases))
+
+
 @dataclass(frozen=True)
 class _Line:
     where: str

@@ -7,6 +7,8 @@
     sambridge pseudo-label --teacher checkpoints/sam3.pt --images DIR --vocabulary FILE --out DIR
     sambridge evaluate --gt GT.json --pred PRED.json
     sambridge export --checkpoint last.ckpt --out student.pt
+    sambridge export --format onnx --checkpoint student.pt --text "ripe apple" --out student.onnx
+    sambridge segment --checkpoint student.pt --input DIR --text "ripe apple" --out DIR
     sambridge demo
 
 A user error (a missing file, a bad checkpoint, shard or annotation) ends any of them with one line,
@@ -32,6 +34,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from sambridge.help_cache import is_plain_help, print_help
 from sambridge.parsers import PARSERS, RESUME_HELP, TRAINING_COMMANDS
 
 if TYPE_CHECKING:
@@ -45,7 +48,8 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "pseudo-label": ("sambridge.pseudo_label", "label images or shards with a SAM3 teacher -> shards"),
     "evaluate": ("sambridge.evaluate", "SA-Co / COCO metrics on GT and prediction files"),
     "demo": ("sambridge.demo", "train the tiny Grounded SAM2 on synthetic shards and report"),
-    "export": ("sambridge.export", "write a standalone student file from a training checkpoint"),
+    "export": ("sambridge.export", "write a standalone student file, or an ONNX graph for a fixed vocabulary"),
+    "segment": ("sambridge.segment", "segment an image, a folder or shards from noun phrases -> COCO results"),
 }
 
 DEBUG_FLAG = "--debug"
@@ -179,9 +183,17 @@ def _run(argv: list[str], called: bool) -> int:
         return 0
     if not called:
         sys.argv[1:] = argv  # without --debug, which Lightning's parser does not know
-    from sambridge.training_cli import lightning_cli  # lazy: start-up time (see the module docstring)
+    prog = "sambridge" if called else _prog()
 
-    lightning_cli(argv, prog="sambridge") if called else lightning_cli(prog=_prog())
+    def run() -> None:
+        from sambridge.training_cli import lightning_cli  # lazy: start-up time (see the module docstring)
+
+        lightning_cli(argv, prog=prog) if called else lightning_cli(prog=prog)
+
+    if is_plain_help(argv, tuple(TRAINING_COMMANDS)):
+        print_help(argv, prog, run)  # from the cache when it was rendered before (sambridge.help_cache)
+        raise SystemExit(0)
+    run()
     return 0
 
 

@@ -1,6 +1,7 @@
-"""``sambridge export``: a training checkpoint -> a standalone student file.
+"""``sambridge export``: a training checkpoint -> a standalone student file, or a model -> ONNX.
 
     sambridge export --checkpoint runs/distill/checkpoints/last.ckpt --out student.pt
+    sambridge export --format onnx --checkpoint student.pt --vocabulary phrases.txt --out student.onnx
 
 Reads a Lightning checkpoint of a ``DistillModule`` or ``GroundingModule`` (``weights_only``: only
 sambridge's own config dataclasses are allowed besides plain data; :mod:`sambridge.modules.checkpoint`),
@@ -8,73 +9,26 @@ rebuilds the trained model from its registered name and build arguments, merges 
 writes weights + name + build arguments (:mod:`sambridge.models.standalone`). The file is then loaded
 back and must predict exactly what the trained model predicts, or nothing is written. Load it with
 ``sambridge.models.load_student(path)``: no teacher, optimiser state or Lightning needed.
+
+``--format onnx`` exports a Lightning checkpoint or a student file with a fixed vocabulary for
+deployment (:mod:`sambridge.onnx_export`).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import open_clip
 import torch
 from torch import nn
 
-from sambridge.models import (
-    CheckpointError,
-    LoraSettings,
-    apply_finetune_mode,
-    create_model,
-    load_student,
-    merge_lora,
-    save_adapters,
-    save_student,
-)
-from sambridge.models.checkpoint_io import load_state_dict_strict
-from sambridge.models.standalone import architecture_args
-from sambridge.modules.checkpoint import MODEL_PREFIX, model_state, read_lightning_checkpoint, trained_model_spec
-from sambridge.modules.grounding import apply_prediction_settings
+from sambridge.models import CheckpointError, load_student, save_adapters, save_student
+from sambridge.modules.checkpoint import model_from_checkpoint
 from sambridge.parsers import export_parser
 
 _PROBE_PHRASES = ("object", "red thing")
-
-
-def _check_rebuildable(model_args: dict[str, Any], model: nn.Module) -> None:
-    """Refuse weight sources that also change the architecture (a student file could not rebuild it)."""
-    tag, text_model = model_args.get("text_pretrained"), getattr(model.text_encoder, "model_name", None)
-    if (
-        isinstance(tag, str)
-        and text_model
-        and open_clip.get_pretrained_cfg(text_model, tag).get("quick_gelu")
-    ):
-        raise CheckpointError(
-            f"text_pretrained={tag!r} gives {text_model!r} QuickGELU activations, which a student file "
-            "cannot record yet; train with the weight file path instead"
-        )
-
-
-def model_from_checkpoint(path: str | os.PathLike, merge: bool = True) -> tuple[nn.Module, str, dict[str, Any]]:
-    """The trained model of a Lightning checkpoint (eval mode), its name and build arguments.
-
-    Args:
-        path: Checkpoint of a ``DistillModule`` or ``GroundingModule``.
-        merge: merge LoRA adapters into the base weights (otherwise they stay peft layers).
-    """
-    checkpoint = read_lightning_checkpoint(path)
-    name, model_args = trained_model_spec(checkpoint)
-    model = create_model(name, **architecture_args(model_args))
-    _check_rebuildable(model_args, model)
-    hparams = checkpoint["hyper_parameters"]
-    lora = hparams.get("finetune") == "lora"
-    if lora:
-        apply_finetune_mode(model, "lora", lora=hparams.get("lora") or LoraSettings())
-    load_state_dict_strict(model, model_state(checkpoint), f"checkpoint {path} ({MODEL_PREFIX}* entries)")
-    if lora and merge:
-        merge_lora(model)
-    if hasattr(model, "refine_masks"):  # the mask source, outputs and NMS the run validated with
-        apply_prediction_settings(model, hparams.get("sam2_checkpoint"), hparams.get("prediction"))
-    return model.eval(), name, model_args
 
 
 @torch.no_grad()
@@ -126,9 +80,25 @@ def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pa
     return save_adapters(model, out)
 
 
+def _onnx_options(args: argparse.Namespace) -> list[str]:
+    """The ``--format onnx`` options given."""
+    given = {"--text": args.text, "--vocabulary": args.vocabulary, "--top-k": args.top_k is not None,
+             "--opset": args.opset is not None, "--batch": args.batch is not None}
+    return [flag for flag, value in given.items() if value]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``sambridge export``; returns the exit code."""
-    args = export_parser().parse_args(argv)
+    parser = export_parser()
+    args = parser.parse_args(argv)
+    if args.format == "onnx":
+        if args.adapters_only:
+            parser.error("--adapters-only writes LoRA adapters, not an ONNX graph")
+        from sambridge.onnx_export import run  # lazy: onnx, onnxruntime and onnxscript load for --format onnx only
+
+        return run(args)
+    if _onnx_options(args):
+        parser.error(f"{', '.join(_onnx_options(args))} only go with --format onnx")
     if args.adapters_only:
         path = export_adapters(args.checkpoint, args.out)
         print(f"adapters written to {path} ({path.stat().st_size / 2**20:.1f} MiB); load them onto the base "

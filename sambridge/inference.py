@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from data_pipelines.augment import AugmentConfig, sample_geometry, warp_image
+from data_pipelines.augment import AugmentConfig, Geometry, sample_geometry, warp_image
 from data_pipelines.schema import decode_rle
 from data_pipelines.tiling import TilingConfig, predict_tiled
-from sambridge.export import model_from_checkpoint
-from sambridge.models import load_student
-from sambridge.modules.checkpoint import CONFIG_CLASSES, is_lightning_checkpoint
+from sambridge.modules.checkpoint import load_trained_model as load_model
 
-
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The grounding model of a sambridge Lightning checkpoint (``.ckpt``) or an exported student, in eval mode.
-
-    A Lightning checkpoint (``GroundingModule``, ``DistillModule``) is rebuilt from the registered
-    model name and build arguments it records, LoRA adapters merged (``sambridge.export``): only the
-    trained model, so a distillation checkpoint needs neither its teacher nor the weight files it
-    started from. Everything loads with ``weights_only=True``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = None
-    if path.suffix != ".safetensors":
-        with torch.serialization.safe_globals(list(CONFIG_CLASSES)):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if is_lightning_checkpoint(checkpoint):
-        model, _, _ = model_from_checkpoint(path)
-        return model.to(map_location).eval()
-    return load_student(path, device=map_location).eval()
+__all__ = ["Segment", "Segmenter", "load_model"]
 
 
 @dataclass
@@ -72,27 +50,35 @@ class Segmenter:
     @torch.no_grad()
     def segment(self, image: np.ndarray, phrases: list[str]) -> list[list[Segment]]:
         """Per phrase, the instances found in an (H, W, 3) uint8 image (letterboxed to the model size)."""
-        h, w = image.shape[:2]
-        geometry = sample_geometry((h, w), self.canvas)
-        canvas = warp_image(torch.from_numpy(np.array(image)).permute(2, 0, 1), geometry)
-        out = self.model(canvas[None].to(self.device), list(phrases), torch.zeros(len(phrases), dtype=torch.long))
+        return self.segment_batch([image], phrases)[0]
+
+    @torch.no_grad()
+    def segment_batch(self, images: Sequence[np.ndarray], phrases: list[str]) -> list[list[list[Segment]]]:
+        """:meth:`segment` of several images (any sizes) in one forward: per image, per phrase, the instances."""
+        geometries = [sample_geometry(image.shape[:2], self.canvas) for image in images]
+        canvases = torch.stack([warp_image(torch.from_numpy(np.array(image)).permute(2, 0, 1), geometry)
+                                for image, geometry in zip(images, geometries, strict=True)])
+        query_image = torch.arange(len(images)).repeat_interleave(len(phrases))
+        out = self.model(canvases.to(self.device), list(phrases) * len(images), query_image)
         size = self.canvas.image_size
         pred = self.model.postprocess(out, top_k=self.top_k, score_threshold=self.score_threshold,
                                       refine=self.refine, out_hw=(size, size), nms_iou=self.nms_iou)
-        vh, vw = geometry.valid_hw
-        results = []
-        for q in range(len(phrases)):
-            found = []
-            for k in pred["keep"][q].nonzero()[:, 0].tolist():
-                mask = pred["masks"][q, k, :vh, :vw][None, None].float()
-                mask = torch.nn.functional.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
-                box = (pred["boxes_xyxy"][q, k] * size).tolist()
-                scale_x, scale_y = w / vw, h / vh
-                found.append(Segment(mask=(mask[0, 0] >= 0.5).cpu().numpy(), score=float(pred["scores"][q, k]),
-                                     box_xyxy=(box[0] * scale_x, box[1] * scale_y, box[2] * scale_x,
-                                               box[3] * scale_y)))
-            results.append(found)
-        return results
+        return [[self._instances(pred, i * len(phrases) + q, geometry) for q in range(len(phrases))]
+                for i, geometry in enumerate(geometries)]
+
+    def _instances(self, pred: dict[str, torch.Tensor], query: int, geometry: Geometry) -> list[Segment]:
+        """The kept detections of one query, masks and boxes mapped from the canvas to the image."""
+        (h, w), (vh, vw) = geometry.orig_hw, geometry.valid_hw
+        size = self.canvas.image_size
+        scale_x, scale_y = w / vw, h / vh
+        found = []
+        for k in pred["keep"][query].nonzero()[:, 0].tolist():
+            mask = pred["masks"][query, k, :vh, :vw][None, None].float()
+            mask = torch.nn.functional.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
+            box = (pred["boxes_xyxy"][query, k] * size).tolist()
+            found.append(Segment(mask=(mask[0, 0] >= 0.5).cpu().numpy(), score=float(pred["scores"][query, k]),
+                                 box_xyxy=(box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)))
+        return found
 
     def segment_tiled(self, image: np.ndarray, phrases: list[str], tiling: TilingConfig,
                       progress: bool = True) -> list[list[Segment]]:

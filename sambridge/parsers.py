@@ -70,16 +70,67 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def export_parser() -> argparse.ArgumentParser:
-    """``sambridge export`` (:mod:`sambridge.export`)."""
+    """``sambridge export`` (:mod:`sambridge.export`; ``--format onnx``: :mod:`sambridge.onnx_export`, which
+    sets the defaults of ``--top-k`` and ``--opset``)."""
     parser = argparse.ArgumentParser(prog="sambridge export",
                                      description=module_doc("sambridge.export").split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint (.ckpt) of a training run")
+    parser.add_argument("--checkpoint", required=True,
+                        help="Lightning checkpoint (.ckpt) of a training run; --format onnx: also a student file")
     parser.add_argument(
-        "--out", required=True, help="student file: .safetensors, or a torch.save file such as student.pt"
+        "--out", required=True, help="student file: .safetensors, or a torch.save file such as student.pt; "
+                                     "--format onnx: the .onnx file (its description goes to OUT.json)"
     )
+    parser.add_argument("--format", choices=("student", "onnx"), default="student",
+                        help="student: a standalone student file (default); onnx: the image encoder and head "
+                             "with a fixed vocabulary baked in, for onnxruntime or TensorRT")
     parser.add_argument("--adapters-only", action="store_true",
                         help="LoRA runs: write only the adapters + head (.safetensors) for load_adapters")
+    onnx = parser.add_argument_group("--format onnx")
+    onnx.add_argument("--text", action="append", default=[], help="noun phrase of the vocabulary (repeatable)")
+    onnx.add_argument("--vocabulary", metavar="FILE",
+                      help="phrases, one a line ('#' comments; data_pipelines.vocab format), after any --text")
+    onnx.add_argument("--top-k", type=positive_int, help="detections per (image, phrase) (default 20)")
+    onnx.add_argument("--opset", type=positive_int, help="ONNX opset (default 18)")
+    onnx.add_argument("--batch", type=positive_int, metavar="N",
+                      help="fixed batch size (default: dynamic batch)")
+    return parser
+
+
+def segment_parser() -> argparse.ArgumentParser:
+    """``sambridge segment`` (:mod:`sambridge.segment`, whose docstring is the description); it sets the
+    default of ``--device``."""
+    parser = argparse.ArgumentParser(prog="sambridge segment", description=module_doc("sambridge.segment"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt or student file (sambridge export)")
+    parser.add_argument("--input", required=True,
+                        help="an image file, a folder of images (searched recursively), or shards: a .tar, "
+                             "a brace pattern or a folder of .tar files")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (a rerun resumes it)")
+    parser.add_argument("--text", action="append", default=[], help="noun phrase (repeat for several)")
+    parser.add_argument("--vocabulary", metavar="FILE",
+                        help="phrases, one a line ('#' comments; data_pipelines.vocab format)")
+    parser.add_argument("--overlays", action="store_true", help="also draw overlays/<image>.png")
+    parser.add_argument("--threshold", type=float, default=0.5, help="minimum score (match x presence)")
+    parser.add_argument("--top-k", type=int, default=100, help="instances per phrase at most (per tile)")
+    parser.add_argument("--masks", choices=("auto", "sam2", "head"), default="auto",
+                        help="instance masks from SAM2's decoder given the boxes, or the grounding head's own "
+                             "(auto: what the checkpoint's run validated with)")
+    parser.add_argument("--nms-iou", type=float, default=None,
+                        help="drop detections overlapping a higher-scoring one by box IoU above this")
+    parser.add_argument("--tile", type=int, default=0, help="tile size for large images (0: whole image)")
+    parser.add_argument("--overlap", type=int, default=256, help="tile overlap in pixels")
+    parser.add_argument("--batch-size", type=int, default=4, help="whole images per forward (not tiles)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     return parser
 
 
@@ -140,5 +191,6 @@ PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "export": export_parser,
     "demo": demo_parser,
     "pseudo-label": pseudo_label_parser,
+    "segment": segment_parser,
 }
 """Tool command -> its parser (``sambridge data`` has its own light dispatcher, :mod:`data_pipelines.cli`)."""

@@ -19,7 +19,7 @@ orchard-like images (``python -m data_pipelines orchard``):
 5. export the student (``sambridge export``);
 6. evaluate teacher and student per phrase on the labelled test shards (``train.py test`` with the
    prediction writer, ``sambridge evaluate``, ``scripts/compare_per_phrase.py``);
-7. segment the large field image in overlapping tiles with the student (``scripts/segment.py``) and
+7. segment the large field image in overlapping tiles with the student (``sambridge segment``) and
    compare its counts with the truth.
 
 Each step prints the command it runs, so any step can be repeated by hand. With the default few
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -182,14 +183,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                "--out", str(evaluation / "per_phrase.md")])
 
     field_image = data / "field" / "orchard-000000.png"
-    instances = out / "field_instances.json"
+    segmented = out / "field"
+    shutil.rmtree(segmented, ignore_errors=True)  # a new student: segment afresh (a rerun would resume)
     steps.run("7 tiled segmentation",
-              [py, "scripts/segment.py", "--checkpoint", str(student), "--image", str(field_image),
+              [py, "-m", "sambridge", "segment", "--checkpoint", str(student), "--input", str(field_image),
                *[a for phrase in FRUITS for a in ("--text", phrase)], "--tile", str(args.tile),
-               "--overlap", str(args.tile // 4), "--out", str(out / "field_overlay.png"), "--json", str(instances)])
+               "--overlap", str(args.tile // 4), "--out", str(segmented), "--overlays"])
 
     truth = true_counts(data / "field_labels")
-    found = Counter(record["phrase"] for record in json.loads(instances.read_text()))
+    phrase_of = {image["id"]: image["text_input"]
+                 for image in json.loads((segmented / "images.json").read_text())["images"]}
+    found = Counter(phrase_of[record["image_id"]] for record in json.loads((segmented / "results.json").read_text()))
     counts = "\n".join(f"| {phrase} | {truth[phrase]} | {found[phrase]} |" for phrase in FRUITS)
     timing = "\n".join(f"| {step} | {seconds:.0f} |" for step, seconds in steps.times.items())
     total = time.perf_counter() - started
@@ -203,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"- teacher: {teacher}\n- pseudo-labelled shards: {pseudo}\n"
                f"- student checkpoint: {student_ckpt}\n- exported student: {student}\n"
                f"- evaluation (predictions, metrics.json, per_phrase.csv): {evaluation}/{{teacher,student}}\n"
-               f"- field overlay: {out / 'field_overlay.png'}, instances: {instances}\n")
+               f"- field overlay and instances (COCO results): {segmented}\n")
     (out / "summary.md").write_text(summary)
     print("\n" + summary + f"\nsummary written to {out / 'summary.md'}")
     return 0

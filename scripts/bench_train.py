@@ -13,17 +13,9 @@ parameter groups, gradient clipping) on the same pre-collated batches of synthet
 ratio measures Lightning's overhead. Memory is measured in a fresh process per fine-tuning mode:
 peak CUDA memory on a GPU, peak resident memory growth on the CPU.
 
-Host synchronisations are counted under the torch profiler over a few Lightning training steps set
-up as a shipped GPU config runs them (fused AdamW, gradient clipping, progress bar, a logger), so
-they can be counted on a CPU: every operator that makes a GPU wait for the host to read a value
-(``aten::_local_scalar_dense``: ``.item()``, ``int()``/``float()``/``bool()`` of a tensor; operators
-whose output size depends on the data: ``nonzero``, boolean indexing, ``masked_select``, ``unique``;
-``torch.equal``) plus explicit copies to the host (``.cpu()``, ``.tolist()``, seen by a
-torch-function mode since on a CPU they dispatch nothing). On a CPU every tensor is on the host, so
-the count is an upper bound of what a GPU run waits for (a ``.cpu()`` of a tensor that is already on
-the host counts too). ``repeat_interleave`` without ``output_size`` counts once (a CUDA device syncs
-once; the CPU kernel reads two scalars). Top-level operators are the ``aten::`` calls made from
-Python (not from inside another operator): a measure of per-step launch overhead.
+Host synchronisations and top-level operators are counted (``sambridge.profiling.HostSyncCounter``,
+which says what counts) over a few Lightning training steps set up as a shipped GPU config runs them
+(fused AdamW, gradient clipping, progress bar, a logger), so they can be counted on a CPU.
 """
 
 from __future__ import annotations
@@ -169,97 +161,6 @@ def lightning_loop(args: argparse.Namespace, batches: list) -> float:
     return timer.steps / (timer.end - timer.start)
 
 
-SYNC_OPS = {
-    "aten::_local_scalar_dense": "item",  # .item(), int()/float()/bool() of a tensor, C++ reads of a scalar
-    "aten::nonzero": "nonzero",  # also boolean-mask indexing and torch.where(cond)
-    "aten::masked_select": "masked_select",
-    "aten::_unique2": "unique",
-    "aten::unique_dim": "unique",
-    "aten::unique_consecutive": "unique",
-    "aten::equal": "equal",
-}
-"""Profiler events that make a CUDA device wait for the host, and the kind they are counted under."""
-
-HOST_COPIES = ("cpu", "tolist")
-"""Tensor methods that copy to the host (seen through a torch-function mode: on a CPU they dispatch nothing;
-``numpy()`` takes host tensors only)."""
-
-
-HOST_ONLY_PARENTS = ("aten::_fused_adamw_", "aten::_fused_adam_", "aten::_assert_async")
-"""Operators whose scalar reads happen on a CPU only: the fused optimisers' CPU kernels read each
-parameter's step count, ``_assert_async`` checks on the host; on a GPU both stay on the device."""
-
-
-def _aten_ancestor(event):
-    parent = event.cpu_parent
-    while parent is not None and not parent.name.startswith("aten::"):
-        parent = parent.cpu_parent
-    return parent
-
-
-def count_syncs_and_ops(events, host_copies: dict[str, int]) -> tuple[dict[str, int], int]:
-    """Host syncs by kind, and the number of top-level ``aten::`` operators, in profiler ``events``."""
-    syncs: dict[str, int] = {}
-    top_level = 0
-    for event in events:
-        if not event.name.startswith("aten::"):
-            continue
-        ancestor = _aten_ancestor(event)
-        if ancestor is None:
-            top_level += 1
-        kind = SYNC_OPS.get(event.name)
-        if event.name == "aten::repeat_interleave" and ancestor is None:
-            kind = "repeat_interleave"  # counted once here; its inner scalar reads are skipped below
-        elif kind == "item" and ancestor is not None and ancestor.name == "aten::repeat_interleave":
-            kind = None
-        elif kind == "nonzero" and ancestor is not None and ancestor.name in SYNC_OPS:
-            kind = None
-        if kind and any(a.name in HOST_ONLY_PARENTS for a in _ancestors(event)):
-            kind = None
-        if kind == "repeat_interleave" and not any(c.name == "aten::_local_scalar_dense"
-                                                  for c in _descendants(event)):
-            kind = None  # given output_size: no sync
-        if kind:
-            syncs[kind] = syncs.get(kind, 0) + 1
-    for name, count in host_copies.items():
-        if count:
-            syncs[name] = syncs.get(name, 0) + count
-    return syncs, top_level
-
-
-def _ancestors(event):
-    parent = event.cpu_parent
-    while parent is not None:
-        yield parent
-        parent = parent.cpu_parent
-
-
-def _descendants(event):
-    for child in event.cpu_children:
-        yield child
-        yield from _descendants(child)
-
-
-class _HostCopies:
-    """A torch-function mode counting ``.cpu()`` and ``.tolist()`` calls (built lazily)."""
-
-    def __new__(cls):
-        from torch.overrides import TorchFunctionMode
-
-        class HostCopies(TorchFunctionMode):
-            def __init__(self) -> None:
-                super().__init__()
-                self.counts = dict.fromkeys(HOST_COPIES, 0)
-
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                name = getattr(func, "__name__", "")
-                if name in self.counts:
-                    self.counts[name] += 1
-                return func(*args, **(kwargs or {}))
-
-        return HostCopies()
-
-
 class _SyncProfiler:
     """Profiles training steps ``[start, start + steps)`` of a fit (a Lightning callback, built lazily):
     from one step's start to the start of the step after the last, so each step's hooks, logging,
@@ -267,20 +168,19 @@ class _SyncProfiler:
 
     def __new__(cls, start: int, steps: int):
         from lightning.pytorch.callbacks import Callback
-        from torch.profiler import ProfilerActivity, profile
+
+        from sambridge.profiling import HostSyncCounter
 
         class SyncProfiler(Callback):
             def __init__(self) -> None:
-                self.profiler = self.copies = None
+                self.counter = None
                 self.syncs: dict[str, int] = {}
                 self.top_level_ops = 0
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
                 if trainer.global_step == start:
-                    self.profiler = profile(activities=[ProfilerActivity.CPU])
-                    self.copies = _HostCopies()
-                    self.profiler.__enter__()
-                    self.copies.__enter__()
+                    self.counter = HostSyncCounter()
+                    self.counter.__enter__()
                 elif trainer.global_step == start + steps:
                     self._stop()
 
@@ -288,12 +188,11 @@ class _SyncProfiler:
                 self._stop()
 
             def _stop(self) -> None:
-                if self.profiler is None:
+                if self.counter is None:
                     return
-                self.copies.__exit__(None, None, None)
-                self.profiler.__exit__(None, None, None)
-                self.syncs, self.top_level_ops = count_syncs_and_ops(self.profiler.events(), self.copies.counts)
-                self.profiler = None
+                self.counter.__exit__(None, None, None)
+                self.syncs, self.top_level_ops = self.counter.syncs, self.counter.top_level_ops
+                self.counter = None
 
         return SyncProfiler()
 

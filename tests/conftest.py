@@ -21,6 +21,15 @@ LAYOUT = (
 QUERIES = ((0, "red box", True), (0, "blue box", True), (1, "red box", True), (1, "blue box", True))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """sambridge's caches (the training commands' rendered --help) go to a test folder, not the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SAMBRIDGE_CACHE_DIR", str(tmp_path_factory.mktemp("sambridge_cache")))
+    yield
+    mp.undo()
+
+
 def make_grounding_batch(
     size: int = 128, seed: int = 0, queries: tuple[tuple[int, str, bool], ...] = QUERIES
 ) -> GroundingBatch:

@@ -26,7 +26,7 @@ ARGPARSE_COMMANDS = [
     ((*PY, "-m", "data_pipelines", "--help"), "python -m data_pipelines"),
     ((*PY, "-m", "data_pipelines", "synthetic", "--help"), "python -m data_pipelines synthetic"),
     *[((str(SAMBRIDGE), name, "--help"), f"sambridge {name}")
-      for name in ("evaluate", "export", "pseudo-label", "demo")],
+      for name in ("evaluate", "export", "pseudo-label", "demo", "segment")],
 ]
 HEAVY = ("torch", "lightning", "sam2", "sam3", "open_clip", "timm", "webdataset")
 
@@ -75,3 +75,32 @@ def test_fit_help_says_how_to_resume_and_has_no_stray_heading(capsys: pytest.Cap
     assert "--ckpt_path auto" in printed  # the description and the argument's help
     assert "``auto``" in printed.split("--ckpt_path CKPT_PATH\n", 1)[1]
     assert "Hook order" not in printed
+
+
+def test_training_help_is_kept_once_rendered_and_rendered_again_when_the_code_changes(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``validate --help`` renders once (LightningCLI), then prints from the cache without importing torch
+    (a fresh interpreter); a change of the code it is built from renders it again."""
+    from sambridge import help_cache, training_cli
+
+    monkeypatch.setenv("SAMBRIDGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    rendered = capsys.readouterr().out
+    assert rendered.startswith("usage: sambridge [options] validate") and len(list(tmp_path.rglob("*.txt"))) == 1
+    code = ("import sys\nfrom sambridge.cli import main\ntry:\n    main(['validate', '--help'])\n"
+            "except SystemExit:\n    pass\nprint('HEAVY', [m for m in ('torch', 'lightning') if m in sys.modules])")
+    result = subprocess.run([*PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout == rendered + "HEAVY []\n", result.stderr[-2000:]
+
+    def lightning_cli(*args, **kwargs):
+        raise AssertionError("rendered again")
+
+    monkeypatch.setattr(training_cli, "lightning_cli", lightning_cli)
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    assert capsys.readouterr().out == rendered
+    monkeypatch.setattr(help_cache, "SOURCES", (*help_cache.SOURCES, "tests"))  # as if the code changed
+    with pytest.raises(AssertionError, match="rendered again"):
+        main(["validate", "--help"])

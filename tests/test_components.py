@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sambridge.losses import GroundingLoss
+from sambridge.losses import GroundingLoss, GroundingLossWeights
 from sambridge.models.components import semantic_components
 
 
@@ -70,7 +70,7 @@ def test_semantic_loss_is_bce_and_dice_against_the_union_of_each_querys_instance
     out = model(batch.images, batch.phrases, batch.query_image, targets=batch)
     assert "loss_semantic_seg" not in GroundingLoss()(out, batch)  # off by default (SAM3's image recipe)
     weights = {"semantic_bce": 3.0, "semantic_dice": 2.0}
-    terms = GroundingLoss(mask_stride=1, **weights)(out, batch)
+    terms = GroundingLoss(GroundingLossWeights(mask_stride=1, **weights))(out, batch)
     union = torch.zeros(batch.num_queries, *batch.masks.shape[-2:])
     for mask, query in zip(batch.masks, batch.instance_query, strict=True):
         union[query] = torch.maximum(union[query], mask.float())
@@ -80,7 +80,7 @@ def test_semantic_loss_is_bce_and_dice_against_the_union_of_each_querys_instance
     positive = batch.num_instances > 0  # dice only where the phrase has instances (sam3's presence-head form)
     dice = dice_loss(logits[positive], union.flatten(1)[positive], num_boxes=int(positive.sum()))
     torch.testing.assert_close(terms["loss_semantic_dice"], dice, rtol=1e-5, atol=1e-6)
-    without = GroundingLoss(mask_stride=1)(out, batch)["loss"]
+    without = GroundingLoss(GroundingLossWeights(mask_stride=1))(out, batch)["loss"]
     added = 3.0 * terms["loss_semantic_seg"] + 2.0 * terms["loss_semantic_dice"]
     torch.testing.assert_close(terms["loss"] - without, added)
     terms["loss"].backward()
@@ -98,7 +98,7 @@ def test_semantic_loss_leaves_out_non_exhaustive_negatives(make_batch):
     negative = int((batch.num_instances == 0).nonzero()[0])
     fired = dict(out, semantic_seg=out["semantic_seg"].clone())
     fired["semantic_seg"][negative] = 10.0  # the negative phrase fires everywhere
-    loss = GroundingLoss(semantic_bce=1.0, semantic_dice=1.0)
+    loss = GroundingLoss(GroundingLossWeights(semantic_bce=1.0, semantic_dice=1.0))
     for exhaustive, changes in ((True, True), (False, False)):
         flags = batch.exhaustive.clone()
         flags[negative] = exhaustive

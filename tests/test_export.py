@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -103,50 +102,42 @@ def test_load_model_takes_student_files_and_a_distill_checkpoint_without_its_tea
             assert torch.equal(expected[name], got[name]), (path.name, name)
 
 
-def test_segment_script_runs_on_an_exported_student(distill_run, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("segment", Path(__file__).parents[1] / "scripts" / "segment.py")
-    segment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(segment)
+def test_segment_command_runs_on_an_exported_student(distill_run, tmp_path, capsys):
     student = export_student(distill_run[1], tmp_path / "student.pt")
     image = tmp_path / "image.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(image)
-    args = [
-        "--checkpoint",
-        str(student),
-        "--image",
-        str(image),
-        "--text",
-        "red circle",
-        "--text",
-        "star",
-        "--threshold",
-        "0",
-        "--top-k",
-        "2",
-        "--out",
-        str(tmp_path / "overlay.png"),
-        "--json",
-        str(tmp_path / "i.json"),
-    ]
-    assert segment.main(args) == 0
-    width, height = Image.open(tmp_path / "overlay.png").size
+
+    def segment(source: Path, out: str, *extra: str) -> int:
+        argv = ["segment", "--checkpoint", str(student), "--input", str(source), "--out", str(tmp_path / out),
+                "--text", "red circle", "--text", "star", "--threshold", "0", "--top-k", "2", "--workers", "0",
+                "--overlays", *extra]
+        try:
+            main(argv)
+        except SystemExit as stopped:
+            return stopped.code
+        return 0
+
+    assert segment(image, "out") == 0
+    width, height = Image.open(tmp_path / "out" / "overlays" / "image.png.png").size
     assert width * 80 == height * 120  # the image's aspect (small images are drawn upscaled)
-    records = json.loads((tmp_path / "i.json").read_text())
-    assert sorted(r["phrase"] for r in records) == ["red circle", "red circle", "star", "star"]  # top 2 at threshold 0
+    records = json.loads((tmp_path / "out" / "results.json").read_text())
+    phrase_of = {i["id"]: i["text_input"] for i in json.loads((tmp_path / "out" / "images.json").read_text())["images"]}
+    assert sorted(phrase_of[r["image_id"]] for r in records) == ["red circle", "red circle", "star", "star"]  # top 2
     assert all(r["segmentation"]["size"] == [80, 120] for r in records)
     assert "'star': 2 instance(s)" in capsys.readouterr().out
 
-    # bad input: one line naming it and exit code 2, before any model work
+    # a bad phrase: one line naming it and exit code 2, before any model work
+    assert segment(image, "blank", "--text", "  ") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--text must be a noun phrase" in err[0], err
+    # an unreadable image: named with the reason, exit code 1
     text_file = tmp_path / "notes.png"
     text_file.write_text("not an image")
     deep = tmp_path / "deep.png"
     Image.fromarray(np.zeros((8, 8), np.uint16)).save(deep)
-    for changed, message in ((["--text", "  "], "--text must be a noun phrase"),
-                             (["--image", str(text_file)], "notes.png is not a readable image"),
-                             (["--image", str(deep)], "deep.png has PIL mode I;16")):
-        assert segment.main([*args, *changed]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and message in err[0], err
+    for source, message in ((text_file, "notes.png: not an image PIL can identify"), (deep, "deep.png: PIL mode I;16")):
+        assert segment(source, source.stem) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_torch_save_student_file_is_plain_tensors_and_strings(distill_run, tmp_path):
@@ -220,3 +211,16 @@ def test_a_text_tag_that_changes_the_architecture_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="text_pretrained='openai' gives 'ViT-B-32' QuickGELU"):
         export_student(checkpoint, tmp_path / "student.pt")
     assert not (tmp_path / "student.pt").exists()
+
+
+def test_checkpoints_from_before_the_loss_weights_moved_still_read(tmp_path, monkeypatch):
+    """``GroundingLossWeights`` moved from ``sambridge.modules.grounding`` to ``sambridge.losses``; a
+    checkpoint that pickled it under the old name reads with ``weights_only=True``."""
+    from sambridge.losses import GroundingLossWeights
+
+    monkeypatch.setattr(GroundingLossWeights, "__module__", "sambridge.modules.grounding")
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"loss": GroundingLossWeights(mask_stride=1)}}, path)
+    monkeypatch.undo()
+    loss = read_lightning_checkpoint(path)["hyper_parameters"]["loss"]
+    assert isinstance(loss, GroundingLossWeights) and loss.mask_stride == 1

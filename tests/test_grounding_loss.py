@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sambridge.losses import GroundingLoss
+from sambridge.losses import GroundingLoss, GroundingLossWeights
 
 WEIGHTS = {
     "loss_bbox": 5.0,
@@ -97,9 +97,9 @@ def test_every_weight_is_a_constructor_argument(trained_outputs):
             "refine_object_score",
         )
     }
-    only_dice = GroundingLoss(**{**zero, "refine_dice": 3.0})(out, batch)
+    only_dice = GroundingLoss(GroundingLossWeights(**{**zero, "refine_dice": 3.0}))(out, batch)
     assert torch.allclose(only_dice["loss"], 3.0 * only_dice["refine_loss_dice"])
-    only_giou = GroundingLoss(**{**zero, "box_giou": 1.0}, o2m=0.5)(out, batch)
+    only_giou = GroundingLoss(GroundingLossWeights(**{**zero, "box_giou": 1.0}, o2m=0.5))(out, batch)
     assert torch.allclose(
         only_giou["loss"], sum(v for k, v in only_giou.items() if k.startswith("loss_giou"))
     )
@@ -111,7 +111,7 @@ def test_mask_stride_compares_upsampled_head_masks_at_full_resolution(trained_ou
     from sam3.train.loss.loss_fns import dice_loss
 
     _, batch, out = trained_outputs
-    native, same, full = (GroundingLoss(mask_stride=s)(out, batch) for s in (None, 4, 1))
+    native, same, full = (GroundingLoss(GroundingLossWeights(mask_stride=s))(out, batch) for s in (None, 4, 1))
     assert torch.equal(native["loss_dice"], same["loss_dice"])  # stride 4 is the head's own 32 px at 128 px
     assert torch.equal(native["loss_giou"], full["loss_giou"]) and torch.equal(native["loss_ce"], full["loss_ce"])
     assert not torch.allclose(native["loss_dice"], full["loss_dice"])
@@ -122,7 +122,7 @@ def test_mask_stride_compares_upsampled_head_masks_at_full_resolution(trained_ou
     expected = dice_loss(logits.flatten(1), batch.masks[target].float().flatten(1), num_boxes=len(rows))
     assert torch.allclose(full["loss_dice"], expected, rtol=1e-5)
     with pytest.raises(ValueError, match="mask_stride"):
-        GroundingLoss(mask_stride=0)
+        GroundingLoss(GroundingLossWeights(mask_stride=0))
 
 
 def test_outputs_without_matching_are_refused(trained_outputs):
@@ -257,4 +257,4 @@ def test_binary_score_target_pushes_a_matched_score_up_where_the_iou_target_push
     # box IoU 0.25: SAM3's target 0.6^0.25 * 0.25^0.75 = 0.31 lowers the score, the binary one raises it
     assert matched_logit_gradient(loss_fns.IABCEMdetr) > 0 > matched_logit_gradient(BinaryTargetIABCE)
     with pytest.raises(ValueError, match="score_target must be"):
-        GroundingLoss(score_target="soft")
+        GroundingLoss(GroundingLossWeights(score_target="soft"))

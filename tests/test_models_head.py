@@ -192,7 +192,7 @@ def test_matcher_survives_nan_and_inf_predictions():
 
 
 def test_a_head_dict_changes_only_its_fields_and_mask_assignment_trains_the_proposals(grounding_batch):
-    from sambridge.losses.grounding import GroundingLoss
+    from sambridge.losses.grounding import GroundingLoss, GroundingLossWeights
     from sambridge.models import create_model
     from sambridge.models.matching import mask_assignment
     from sambridge.models.variants import TINY_GROUNDING_HEAD
@@ -210,7 +210,7 @@ def test_a_head_dict_changes_only_its_fields_and_mask_assignment_trains_the_prop
     expected = mask_assignment(proposals["proposal_grid"], b)
     assert all(torch.equal(a, e) for a, e in zip(proposals["indices"], expected, strict=True))
     assert len(expected[0]) > b.boxes.shape[0]  # one-to-many: several tokens per instance
-    loss = GroundingLoss(score_target="binary")(out, b)["loss"]
+    loss = GroundingLoss(GroundingLossWeights(score_target="binary"))(out, b)["loss"]
     loss.backward()
     assert torch.isfinite(loss)
     assert model.detector.transformer.query_selection.box.layers[-1].weight.grad.abs().sum() > 0

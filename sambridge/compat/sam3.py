@@ -1,15 +1,17 @@
-"""CPU compatibility shim for sam3 0.1.4.
+"""CPU and ``torch.compile`` compatibility shim for sam3 0.1.4.
 
 sam3 0.1.4 assumes a CUDA device in four places. Each patch below changes behaviour only where
-that assumption fails (no CUDA device, or CPU tensors); on a CUDA machine sam3 runs unchanged.
-Upstream fixed the first three after 0.1.4; drop the shim when the pin moves past it.
+that assumption fails (no CUDA device, or CPU tensors), except 3's empty-box shortcut, which gives
+the same result everywhere. Upstream fixed the first three after 0.1.4; drop the shim when the pin
+moves past it.
 
 1. ``PositionEmbeddingSine(precompute_resolution=...)`` fills its cache with tensors created on
    ``device="cuda"``. Without CUDA the precomputation is skipped (the cache fills lazily).
 2. ``TransformerDecoder(resolution=..., stride=...)`` precomputes box-RPB coordinates on
    ``device="cuda"``. Without CUDA they are computed lazily per feature size instead.
 3. ``SequenceGeometryEncoder._encode_boxes`` calls ``Tensor.pin_memory()``, which needs a CUDA
-   driver. Without CUDA pinning is a no-op for the duration of that call.
+   driver and which ``torch.compile`` cannot trace. Without boxes (every text-only query) it returns
+   the empty embedding directly; with boxes and without CUDA pinning is a no-op for that call.
 4. ``sam3.train.loss.loss_fns.sigmoid_focal_loss`` defaults to a Triton kernel (used by the
    ``Masks`` loss); on CPU tensors it falls back to sam3's own PyTorch implementation.
 
@@ -69,7 +71,10 @@ def _skip_pin_memory_without_cuda(cls: type, method_name: str) -> None:
         return
 
     @functools.wraps(original)
-    def method(self, *args, **kwargs):
+    def method(self, boxes, boxes_mask, *args, **kwargs):
+        if boxes.shape[0] == 0:  # (0, B, d) whatever the branches: the label embedding's dtype
+            return self.label_embed.weight.new_zeros(0, boxes.shape[1], self.d_model), boxes_mask
+        args = (boxes, boxes_mask, *args)
         if torch.cuda.is_available():
             return original(self, *args, **kwargs)
         with _pin_memory_disabled():

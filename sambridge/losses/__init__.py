@@ -1,5 +1,5 @@
 """Training losses."""
 
-from sambridge.losses.grounding import GroundingLoss
+from sambridge.losses.grounding import GroundingLoss, GroundingLossWeights
 
-__all__ = ["GroundingLoss"]
+__all__ = ["GroundingLoss", "GroundingLossWeights"]

@@ -35,6 +35,9 @@ Usage::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -81,100 +84,113 @@ class BinaryTargetIABCE(loss_fns.IABCEMdetr):
         return super().get_loss({**outputs, "pred_boxes_xyxy": boxes}, targets, indices, num_boxes)
 
 
-class GroundingLoss(nn.Module):
-    """Loss for ``GroundedSAM2`` outputs against a ``GroundingBatch``.
+@dataclass
+class GroundingLossWeights:
+    """The weights and targets of ``GroundingLoss``: SAM3's detector recipe and SAM2's mask-decoder
+    refinement recipe (``model.init_args.loss`` in a config).
 
     Args:
-        box_l1: Weight of the L1 loss on matched normalised cxcywh boxes.
-        box_giou: Weight of the generalised-IoU loss on matched boxes.
-        score: Weight of the IoU-aware BCE (IABCE) on query scores.
-        presence: Weight of the presence (is the phrase in the image?) loss.
-        mask_focal: Weight of the focal loss on the head's matched masks.
-        mask_dice: Weight of the dice loss on the head's matched masks.
-        score_pos_weight: IABCE weight of matched (positive) queries.
-        score_alpha: IABCE exponent mixing score and IoU into the soft positive target.
-        score_gamma: IABCE focusing exponent on negatives.
-        score_target: What a matched query's score learns: ``"iou"`` (SAM3's soft target
-            ``score^alpha * IoU^(1-alpha)``, whose fixed point is the box IoU) or ``"binary"`` (1:
-            the score becomes the probability that the detection is right, so a right detection with
-            an imperfect box still passes SAM3's 0.5 threshold).
-        presence_alpha: Focal alpha of the presence loss.
-        presence_gamma: Focal gamma of the presence loss.
-        mask_focal_alpha: Focal alpha of the head's mask loss.
-        mask_focal_gamma: Focal gamma of the head's mask loss.
+        box_l1: L1 on matched normalised cxcywh boxes.
+        box_giou: Generalised IoU on matched boxes.
+        score: IoU-aware BCE (IABCE) on query scores.
+        presence: Presence ("is the phrase in the image?") loss.
+        mask_focal: Focal loss on the head's matched masks.
+        mask_dice: Dice loss on the head's matched masks.
+        refine_focal: SAM2's focal loss on the refined masks of matched boxes.
+        refine_dice: SAM2's dice loss on the refined masks.
+        refine_iou: SAM2's L1 loss on its predicted mask IoU.
+        refine_object_score: SAM2's object-score loss.
         o2m: Multiplier of the losses on the one-to-many (DAC) queries.
-        o2m_alpha: One-to-many matcher: weight of the score against the IoU.
-        o2m_threshold: One-to-many matcher: minimum matching quality.
-        o2m_topk: One-to-many matcher: predictions per ground-truth instance at most.
-        refine_focal: Weight of SAM2's focal loss on the refined masks.
-        refine_dice: Weight of SAM2's dice loss on the refined masks.
-        refine_iou: Weight of SAM2's L1 loss on its predicted mask IoU.
-        refine_object_score: Weight of SAM2's object-score loss.
-        refine_supervise_all_iou: With several masks per box, supervise every IoU prediction.
+        score_target: What a matched query's score learns: ``iou`` (SAM3's soft target
+            ``score^alpha * IoU^(1-alpha)``, whose fixed point is the box IoU) or ``binary`` (1: the
+            score becomes the probability that the detection is right, so a right detection with an
+            imperfect box still passes SAM3's 0.5 threshold).
         mask_stride: Compare the head's matched masks with the ground truth at this stride of the
             input canvas (1 = full resolution: the stride-4 logits are upsampled bilinearly first,
             as at inference, so boundaries are learnt below the head's own resolution); ``None``
             (SAM3's recipe): at the head's own mask resolution. The semantic mask follows it.
-        semantic_bce: Weight of the BCE on the head's semantic mask (0: no semantic loss, SAM3's
-            image recipe here).
-        semantic_dice: Weight of the dice loss on the head's semantic mask.
+        semantic_bce: BCE on the head's semantic mask, the union of the phrase's instances (0: none,
+            SAM3's image recipe). Needed by ``prediction.outputs: components``.
+        semantic_dice: Dice loss on the head's semantic mask.
+    """
+
+    box_l1: float = 5.0
+    box_giou: float = 2.0
+    score: float = 20.0
+    presence: float = 20.0
+    mask_focal: float = 200.0
+    mask_dice: float = 10.0
+    refine_focal: float = 20.0
+    refine_dice: float = 1.0
+    refine_iou: float = 1.0
+    refine_object_score: float = 1.0
+    o2m: float = 2.0
+    score_target: Literal["iou", "binary"] = "iou"
+    mask_stride: int | None = None
+    semantic_bce: float = 0.0
+    semantic_dice: float = 0.0
+
+
+class GroundingLoss(nn.Module):
+    """Loss for ``GroundedSAM2`` outputs against a ``GroundingBatch``.
+
+    Args:
+        weights: Term weights and targets (default ``GroundingLossWeights()``, SAM3's recipe).
+        score_pos_weight: IABCE weight of matched (positive) queries.
+        score_alpha: IABCE exponent mixing score and IoU into the soft positive target.
+        score_gamma: IABCE focusing exponent on negatives.
+        presence_alpha: Focal alpha of the presence loss.
+        presence_gamma: Focal gamma of the presence loss.
+        mask_focal_alpha: Focal alpha of the head's mask loss.
+        mask_focal_gamma: Focal gamma of the head's mask loss.
+        o2m_alpha: One-to-many matcher: weight of the score against the IoU.
+        o2m_threshold: One-to-many matcher: minimum matching quality.
+        o2m_topk: One-to-many matcher: predictions per ground-truth instance at most.
+        refine_supervise_all_iou: With several masks per box, supervise every IoU prediction.
     """
 
     def __init__(
         self,
-        box_l1: float = 5.0,
-        box_giou: float = 2.0,
-        score: float = 20.0,
-        presence: float = 20.0,
-        mask_focal: float = 200.0,
-        mask_dice: float = 10.0,
+        weights: GroundingLossWeights | None = None,
         score_pos_weight: float = 10.0,
         score_alpha: float = 0.25,
         score_gamma: float = 2.0,
-        score_target: str = "iou",
         presence_alpha: float = 0.5,
         presence_gamma: float = 0.0,
         mask_focal_alpha: float = 0.25,
         mask_focal_gamma: float = 2.0,
-        o2m: float = 2.0,
         o2m_alpha: float = 0.3,
         o2m_threshold: float = 0.4,
         o2m_topk: int = 4,
-        refine_focal: float = 20.0,
-        refine_dice: float = 1.0,
-        refine_iou: float = 1.0,
-        refine_object_score: float = 1.0,
         refine_supervise_all_iou: bool = True,
-        mask_stride: int | None = None,
-        semantic_bce: float = 0.0,
-        semantic_dice: float = 0.0,
     ) -> None:
         super().__init__()
-        self.semantic_weights = {"loss_semantic_seg": semantic_bce, "loss_semantic_dice": semantic_dice}
-        if mask_stride is not None and mask_stride < 1:
-            raise ValueError(f"mask_stride must be a positive integer or None, got {mask_stride}")
-        self.mask_stride = mask_stride
-        if score_target not in ("iou", "binary"):
-            raise ValueError(f"score_target must be 'iou' or 'binary', got {score_target!r}")
+        w = weights if weights is not None else GroundingLossWeights()
+        self.semantic_weights = {"loss_semantic_seg": w.semantic_bce, "loss_semantic_dice": w.semantic_dice}
+        if w.mask_stride is not None and w.mask_stride < 1:
+            raise ValueError(f"mask_stride must be a positive integer or None, got {w.mask_stride}")
+        self.mask_stride = w.mask_stride
+        if w.score_target not in ("iou", "binary"):
+            raise ValueError(f"score_target must be 'iou' or 'binary', got {w.score_target!r}")
         apply_sam3_compat()  # sam3's Masks loss defaults to a CUDA-only Triton kernel
-        self.presence_weight = presence
+        self.presence_weight = w.presence
         self.presence_alpha = presence_alpha
         self.presence_gamma = presence_gamma
         self.mask_focal_alpha = mask_focal_alpha
         self.mask_focal_gamma = mask_focal_gamma
         self.refine_weights = {
-            "refine_loss_mask": refine_focal,
-            "refine_loss_dice": refine_dice,
-            "refine_loss_iou": refine_iou,
-            "refine_loss_class": refine_object_score,
+            "refine_loss_mask": w.refine_focal,
+            "refine_loss_dice": w.refine_dice,
+            "refine_loss_iou": w.refine_iou,
+            "refine_loss_class": w.refine_object_score,
         }
         self.refine_supervise_all_iou = refine_supervise_all_iou
         self.detector_loss = Sam3LossWrapper(
             loss_fns_find=[
-                loss_fns.Boxes(weight_dict={"loss_bbox": box_l1, "loss_giou": box_giou}),
-                (BinaryTargetIABCE if score_target == "binary" else loss_fns.IABCEMdetr)(
+                loss_fns.Boxes(weight_dict={"loss_bbox": w.box_l1, "loss_giou": w.box_giou}),
+                (BinaryTargetIABCE if w.score_target == "binary" else loss_fns.IABCEMdetr)(
                     pos_weight=score_pos_weight,
-                    weight_dict={"loss_ce": score},
+                    weight_dict={"loss_ce": w.score},
                     weak_loss=True,
                     alpha=score_alpha,
                     gamma=score_gamma,
@@ -182,7 +198,7 @@ class GroundingLoss(nn.Module):
                     pos_focal=False,
                 ),
                 loss_fns.Masks(
-                    weight_dict={"loss_mask": mask_focal, "loss_dice": mask_dice},
+                    weight_dict={"loss_mask": w.mask_focal, "loss_dice": w.mask_dice},
                     focal_alpha=mask_focal_alpha,
                     focal_gamma=mask_focal_gamma,
                     compute_aux=False,
@@ -191,7 +207,7 @@ class GroundingLoss(nn.Module):
             normalization="local",
             matcher=hungarian_matcher(),  # sam3 uses the one-to-one matcher on auxiliary o2m outputs
             o2m_matcher=BinaryOneToManyMatcher(alpha=o2m_alpha, threshold=o2m_threshold, topk=o2m_topk),
-            o2m_weight=o2m,
+            o2m_weight=w.o2m,
             use_o2m_matcher_on_o2m_aux=False,
         )
 

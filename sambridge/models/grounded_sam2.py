@@ -176,12 +176,23 @@ class GroundedSAM2(nn.Module):
     def ground(self, features: dict, phrases: list[str], query_image: Tensor) -> dict:
         """Run the text tower (once per unique phrase) and the head (once per query) on image features."""
         device = features["vision_features"].device
-        query_image = query_image.to(device=device, dtype=torch.long)
         unique, text_ids = _unique(list(phrases), device)
-        features = {**features, **self.detector.backbone.forward_text(unique, device=device)}
+        return self.ground_encoded(features, self.encode_phrases(unique), text_ids, query_image)
+
+    def encode_phrases(self, phrases: list[str]) -> dict[str, Tensor]:
+        """The text tower's ``language_features`` (L, P, D), ``language_mask`` (P, L) and
+        ``language_embeds`` of P phrases (sam3 ``forward_text`` dict)."""
+        return self.detector.backbone.forward_text(phrases, device=self.pixel_mean.device)
+
+    def ground_encoded(self, features: dict, text: dict[str, Tensor], text_ids: Tensor, query_image: Tensor) -> dict:
+        """The head on image ``features`` and encoded phrases ``text``: query q grounds phrase
+        ``text_ids[q]`` in image ``query_image[q]``. Reads nothing back to the host."""
+        device = features["vision_features"].device
+        query_image = query_image.to(device=device, dtype=torch.long)
+        features = {**features, **text}
         find = FindStage(
             img_ids=query_image,
-            text_ids=text_ids,
+            text_ids=text_ids.to(device=device, dtype=torch.long),
             input_boxes=None,
             input_boxes_mask=None,
             input_boxes_label=None,

@@ -1,4 +1,4 @@
-"""The Grounded SAM2 builders and their registered variants.
+"""The Grounded SAM2 builder and its registered variants.
 
 ===========================  ===================  ================  =============  ==================
 name                         image backbone       head              text tower     default image size
@@ -21,10 +21,10 @@ head on strides 8 and 16 (``head_min_stride=8``: its per-phrase pixel decoder sk
 stage; SAM2's decoder still refines boxes into stride-4 masks), 16 text tokens and 384 px input
 (>= 15x faster than SAM3 at 1008 px with ten phrases on a CPU; ``image_size=512`` sees small
 objects better at about 12x).
-``build_grounded_timm`` puts any timm ``features_only`` trunk in place of Hiera
+``build_grounded_sam2(timm_model=...)`` puts any timm ``features_only`` trunk in place of Hiera
 (``sambridge.models.timm_vision``).
 
-Every argument of a builder can be overridden through ``create_model`` (``head`` also as a dict
+Every argument of the builder can be overridden through ``create_model`` (``head`` also as a dict
 of ``HeadConfig`` fields; fields it leaves out take SAM3's values). Real variants start from random
 weights unless given ``sam2_checkpoint`` (official ``sam2.1_hiera_*.pt``), ``text_pretrained`` (an
 open_clip tag already cached locally, e.g. ``"datacompdr"``, or a local weight file), optionally
@@ -80,13 +80,17 @@ def build_grounded_sam2(
     head_min_stride: int = 4,
     head_token_stride: int = 16,
     refine_multimask_output: bool = False,
+    timm_model: str | None = None,
+    timm_pretrained: str | os.PathLike | None = None,
 ) -> GroundedSAM2:
-    """Assemble a ``GroundedSAM2`` from the sam2, sam3 and open_clip packages (on the CPU).
+    """Assemble a ``GroundedSAM2`` from the sam2, sam3, open_clip (and timm) packages (on the CPU).
 
     Args:
-        sam2_config: SAM2.1 config name (``sam2.1_hiera_t|s|b+|l``).
+        sam2_config: SAM2.1 config name (``sam2.1_hiera_t|s|b+|l``): the image trunk and neck, and the
+            prompt encoder + mask decoder that refine boxes into masks.
         image_size: Square model input size, a multiple of 32.
-        sam2_checkpoint: Official SAM2 checkpoint for the trunk, neck(s), prompt encoder and mask decoder.
+        sam2_checkpoint: Official SAM2 checkpoint for the trunk, neck(s), prompt encoder and mask
+            decoder (with ``timm_model``: only its prompt encoder and mask decoder are kept).
         sam2_overrides: Extra hydra overrides for SAM2 (e.g. the tiny test architecture).
         head: Grounding head dims (a dict given to ``create_model`` changes only the fields it names
             of the variant's head); ``d_model`` must equal SAM2's neck width (256 for SAM2.1).
@@ -102,66 +106,25 @@ def build_grounded_sam2(
             as costly per phrase at 512 px whose own masks come at stride 8 (SAM2's decoder still
             refines boxes into masks from stride-4 features).
         head_token_stride: Feature level the head's fusion encoder and decoder attend to: 16 (SAM3's
-            recipe at 1,024 px), or 8 for small inputs (16 x 16 tokens at 128 px instead of 8 x 8).
+            recipe at 1,024 px), or 8 for small inputs (16 x 16 tokens at 128 px instead of 8 x 8);
+            Hiera trunks only.
         refine_multimask_output: Three SAM2 masks per matched box in training (best one supervised).
+        timm_model: A timm model with ``features_only`` strides 4, 8, 16 and 32 (e.g.
+            ``convnext_atto``) as the image trunk, with its own FPN neck, in place of SAM2's Hiera.
+        timm_pretrained: Local timm weight file for that trunk (random init otherwise).
     """
     sam2 = build_sam2(
         sam2_config, image_size=image_size, checkpoint=sam2_checkpoint, overrides=sam2_overrides
     )
     head = _head_config(head)
-    vision = HeadLevelsAdapter(sam2.image_encoder.trunk, sam2.image_encoder.neck, dual_neck, head_min_stride,
-                               head_token_stride)
-    text = OpenClipTextEncoder(head.d_model, model_name=text_model, pretrained=text_pretrained,
-                               context_length=text_context_length, text_cfg=text_cfg, frozen=freeze_text,
-                               vocabulary=text_vocabulary)
-    return _assemble(vision, text, sam2, head, image_size, sam3_checkpoint, refine_multimask_output)
-
-
-def build_grounded_timm(
-    timm_model: str = "convnext_atto",
-    timm_pretrained: str | os.PathLike | None = None,
-    image_size: int = 512,
-    sam2_config: str = "sam2.1_hiera_t",
-    sam2_checkpoint: str | os.PathLike | None = None,
-    sam2_overrides: Sequence[str] = (),
-    head: HeadConfig | dict = SAM3_HEAD,
-    sam3_checkpoint: str | os.PathLike | None = None,
-    text_model: str = "ViTamin-S",
-    text_pretrained: str | os.PathLike | None = None,
-    text_cfg: dict | None = None,
-    text_context_length: int = 32,
-    freeze_text: bool = True,
-    text_vocabulary: Sequence[str] | None = None,
-    dual_neck: bool = True,
-    head_min_stride: int = 4,
-    refine_multimask_output: bool = False,
-) -> GroundedSAM2:
-    """A ``GroundedSAM2`` on a timm trunk + SAM2's FPN neck, with SAM2's prompt encoder + mask decoder.
-
-    Args:
-        timm_model: timm model with ``features_only`` strides 4, 8, 16 and 32 (e.g. ``convnext_atto``).
-        timm_pretrained: Local timm weight file for the trunk (random init otherwise).
-        image_size: Square model input size, a multiple of 32.
-        sam2_config: SAM2.1 config whose prompt encoder + mask decoder refine boxes (its trunk is unused).
-        sam2_checkpoint: Official SAM2 checkpoint; only its prompt encoder and mask decoder are kept.
-        sam2_overrides: Extra hydra overrides for that SAM2 (e.g. the tiny test architecture).
-        head: Grounding head dims; ``d_model`` must equal the SAM2 decoder's width.
-        sam3_checkpoint: A ``sam3.pt`` whose detector head initialises the grounding head.
-        text_model: open_clip model whose text tower encodes the phrases.
-        text_pretrained: open_clip tag (locally cached) or local weight file for the text tower.
-        text_cfg: Overrides of the open_clip text config (tests use a tiny tower).
-        text_context_length: Tokens per phrase.
-        freeze_text: Keep the text tower fixed (its output projection still trains).
-        text_vocabulary: Fixed phrase list whose frozen text features are computed once.
-        dual_neck: Give the head its own FPN neck, separate from the one feeding SAM2's decoder.
-        head_min_stride: Finest feature level of the grounding head (4, or 8 for a cheaper head).
-        refine_multimask_output: Three SAM2 masks per matched box in training (best one supervised).
-    """
-    head = _head_config(head)
-    sam2 = build_sam2(sam2_config, image_size=image_size, checkpoint=sam2_checkpoint,
-                      overrides=sam2_overrides)
-    vision = TimmVisionAdapter(timm_model, d_model=head.d_model, pretrained_file=timm_pretrained,
-                               dual_neck=dual_neck, head_min_stride=head_min_stride)
+    if timm_model is None:
+        vision = HeadLevelsAdapter(sam2.image_encoder.trunk, sam2.image_encoder.neck, dual_neck, head_min_stride,
+                                   head_token_stride)
+    elif head_token_stride != 16:
+        raise ValueError(f"head_token_stride={head_token_stride}: a timm trunk's head attends to stride 16 only")
+    else:
+        vision = TimmVisionAdapter(timm_model, d_model=head.d_model, pretrained_file=timm_pretrained,
+                                   dual_neck=dual_neck, head_min_stride=head_min_stride)
     text = OpenClipTextEncoder(head.d_model, model_name=text_model, pretrained=text_pretrained,
                                context_length=text_context_length, text_cfg=text_cfg, frozen=freeze_text,
                                vocabulary=text_vocabulary)
@@ -199,8 +162,8 @@ def _assemble(
     )
 
 
-def _register(name: str, summary: str, builder=build_grounded_sam2, **defaults) -> None:
-    partial = functools.partial(builder, **defaults)
+def _register(name: str, summary: str, **defaults) -> None:
+    partial = functools.partial(build_grounded_sam2, **defaults)
     default_head = inspect.signature(partial).parameters["head"].default
 
     def factory(**overrides):
@@ -210,7 +173,7 @@ def _register(name: str, summary: str, builder=build_grounded_sam2, **defaults) 
         return partial(**overrides)
 
     factory.__signature__ = inspect.signature(partial)
-    factory.__doc__ = f"{summary}\n\nArguments: see ``{builder.__name__}``."
+    factory.__doc__ = f"{summary}\n\nArguments: see ``build_grounded_sam2``."
     register_model(name)(factory)
 
 
@@ -258,10 +221,10 @@ _register(
 _register(
     "grounded_timm_convnext_atto",
     "SAM3 distillation student on timm's ConvNeXt-Atto (random init) at 384 px + the student head.",
-    builder=build_grounded_timm,
     timm_model="convnext_atto",
     image_size=384,
     head=STUDENT_HEAD,
     head_min_stride=8,
+    text_model="ViTamin-S",
     text_context_length=16,
 )

@@ -11,22 +11,38 @@ inference, a teacher for distillation or pseudo-labelling) uses this one list.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
+from torch import nn
 
+from sambridge.losses import GroundingLossWeights
 from sambridge.losses.distill import DistillWeights
-from sambridge.models import CheckpointError, HeadConfig, LoraSettings, SAM3Teacher, create_model
+from sambridge.models import (
+    CheckpointError,
+    HeadConfig,
+    LoraSettings,
+    SAM3Teacher,
+    apply_finetune_mode,
+    create_model,
+    load_student,
+    merge_lora,
+)
 from sambridge.models.checkpoint_io import load_state_dict_strict, read_weights
 from sambridge.models.sam3_teacher import check_teacher_name, official_teacher
-from sambridge.modules.grounding import GroundingLossWeights, PredictSettings
+from sambridge.models.standalone import architecture_args
+from sambridge.modules.grounding import PredictSettings, apply_prediction_settings
 from sambridge.optim import OptimizerConfig
 
-CONFIG_CLASSES: tuple[type, ...] = (
-    OptimizerConfig, LoraSettings, GroundingLossWeights, PredictSettings, DistillWeights, HeadConfig
+CONFIG_CLASSES: tuple[type | tuple[type, str], ...] = (
+    OptimizerConfig, LoraSettings, GroundingLossWeights, PredictSettings, DistillWeights, HeadConfig,
+    (GroundingLossWeights, "sambridge.modules.grounding.GroundingLossWeights"),
 )
 """sambridge's config dataclasses that Lightning pickles into ``hyper_parameters``: the only classes a
-training checkpoint may hold besides plain data."""
+training checkpoint may hold besides plain data (``torch.serialization.safe_globals`` entries; a
+``(class, name)`` pair reads checkpoints written while the class lived at ``name``)."""
 
 STUDENT_SPEC_KEY = "sambridge_student"
 """Checkpoint entry ``{"model": name, "model_args": {...}}`` naming the trained model (``DistillModule``
@@ -76,6 +92,64 @@ def trained_model_spec(checkpoint: dict[str, Any]) -> tuple[str, dict[str, Any]]
 def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The trained model's weights of a module's checkpoint (its ``model.*`` entries, prefix removed)."""
     return {k[len(MODEL_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+
+
+def _check_rebuildable(model_args: dict[str, Any], model: nn.Module) -> None:
+    """Refuse weight sources that also change the architecture (a student file could not rebuild it)."""
+    tag, text_model = model_args.get("text_pretrained"), getattr(model.text_encoder, "model_name", None)
+    if (
+        isinstance(tag, str)
+        and text_model
+        and open_clip.get_pretrained_cfg(text_model, tag).get("quick_gelu")
+    ):
+        raise CheckpointError(
+            f"text_pretrained={tag!r} gives {text_model!r} QuickGELU activations, which a student file "
+            "cannot record yet; train with the weight file path instead"
+        )
+
+
+def model_from_checkpoint(path: str | os.PathLike, merge: bool = True) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The trained model of a Lightning checkpoint (eval mode), its name and build arguments.
+
+    Args:
+        path: Checkpoint of a ``DistillModule`` or ``GroundingModule``.
+        merge: merge LoRA adapters into the base weights (otherwise they stay peft layers).
+    """
+    checkpoint = read_lightning_checkpoint(path)
+    name, model_args = trained_model_spec(checkpoint)
+    model = create_model(name, **architecture_args(model_args))
+    _check_rebuildable(model_args, model)
+    hparams = checkpoint["hyper_parameters"]
+    lora = hparams.get("finetune") == "lora"
+    if lora:
+        apply_finetune_mode(model, "lora", lora=hparams.get("lora") or LoraSettings())
+    load_state_dict_strict(model, model_state(checkpoint), f"checkpoint {path} ({MODEL_PREFIX}* entries)")
+    if lora and merge:
+        merge_lora(model)
+    if hasattr(model, "refine_masks"):  # the mask source, outputs and NMS the run validated with
+        apply_prediction_settings(model, hparams.get("sam2_checkpoint"), hparams.get("prediction"))
+    return model.eval(), name, model_args
+
+
+def load_trained_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The grounding model of a sambridge Lightning checkpoint (``.ckpt``) or an exported student, in eval mode.
+
+    A Lightning checkpoint (``GroundingModule``, ``DistillModule``) is rebuilt from the registered
+    model name and build arguments it records, LoRA adapters merged (:func:`model_from_checkpoint`):
+    only the trained model, so a distillation checkpoint needs neither its teacher nor the weight
+    files it started from. Everything loads with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = None
+    if path.suffix != ".safetensors":
+        with torch.serialization.safe_globals(list(CONFIG_CLASSES)):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if is_lightning_checkpoint(checkpoint):
+        model, _, _ = model_from_checkpoint(path)
+        return model.to(map_location).eval()
+    return load_student(path, device=map_location).eval()
 
 
 def load_teacher(

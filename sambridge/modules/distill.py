@@ -23,14 +23,14 @@ metrics as ``GroundingModule`` (cgF1 on ground truth), so student and teacher sc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from data_pipelines.batch import GroundingBatch
-from sambridge.losses import GroundingLoss
+from sambridge.losses import GroundingLoss, GroundingLossWeights
 from sambridge.losses.distill import DistillLoss, DistillWeights, uses_terms
 from sambridge.models import LoraSettings, apply_finetune_mode, create_model
 from sambridge.models.checkpoint_io import check_state_dict
@@ -41,7 +41,6 @@ from sambridge.modules.base import config_arg
 from sambridge.modules.checkpoint import STUDENT_SPEC_KEY, load_teacher
 from sambridge.modules.grounding import (
     FinetuneMode,
-    GroundingLossWeights,
     GroundingModule,
     PredictSettings,
     apply_prediction_settings,
@@ -211,7 +210,7 @@ class DistillModule(GroundingModule):
         return width
 
     def configure_losses(self) -> None:
-        self.gt_loss = GroundingLoss(**asdict(config_arg(self.hparams.loss, GroundingLossWeights)))
+        self.gt_loss = GroundingLoss(config_arg(self.hparams.loss, GroundingLossWeights))
         self.distill_loss = DistillLoss(
             self.distill_weights, student_dim=self.model.detector.hidden_dim, teacher_dim=self.teacher_dim
         )
@@ -271,7 +270,7 @@ class DistillModule(GroundingModule):
 
     def _text_terms(self, phrases: list[str]) -> dict[str, Tensor]:
         unique = list(dict.fromkeys(phrases))
-        student = self.model.detector.backbone.forward_text(unique, device=self.device)
+        student = self.model.encode_phrases(unique)
         teacher = self._teacher_model().encode_text(unique)
         return self.distill_loss.text_terms(
             student["language_features"],

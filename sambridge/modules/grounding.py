@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from data_pipelines.batch import GroundingBatch
-from sambridge.losses import GroundingLoss
+from sambridge.losses import GroundingLoss, GroundingLossWeights
 from sambridge.metrics import ConceptSegmentationMetrics
 from sambridge.models import LoraSettings, apply_finetune_mode, create_model
 from sambridge.modules.base import BaseTask, config_arg
@@ -70,49 +70,6 @@ def apply_prediction_settings(model: nn.Module, sam2_checkpoint: str | None,
     model.nms_iou = settings.nms_iou
 
 
-@dataclass
-class GroundingLossWeights:
-    """Loss weights: SAM3 detector recipe and SAM2 mask-decoder refinement recipe.
-
-    Args:
-        box_l1: L1 on matched normalised boxes.
-        box_giou: generalised IoU on matched boxes.
-        score: IoU-aware BCE on query scores.
-        presence: presence ("is the phrase in the image?") focal loss.
-        mask_focal: focal loss on the head's matched masks.
-        mask_dice: dice loss on the head's matched masks.
-        refine_focal: focal loss on SAM2-refined masks of matched boxes.
-        refine_dice: dice loss on SAM2-refined masks.
-        refine_iou: L1 on SAM2's IoU prediction.
-        refine_object_score: SAM2's object-score BCE.
-        o2m: multiplier of the one-to-many (DAC) query losses.
-        score_target: what a matched query's score learns: ``iou`` (SAM3's IoU-aware soft target:
-            the score converges to the box IoU) or ``binary`` (1: the score becomes the probability
-            that the detection is right, which SAM3's 0.5 threshold assumes).
-        mask_stride: stride of the input canvas at which the head's masks are compared with the
-            ground truth (1: full resolution); ``null``: the head's own resolution (stride 4).
-        semantic_bce: BCE on the head's semantic mask (the union of the phrase's instances); 0:
-            none. Needed by ``prediction.outputs: components``.
-        semantic_dice: dice loss on the head's semantic mask.
-    """
-
-    box_l1: float = 5.0
-    box_giou: float = 2.0
-    score: float = 20.0
-    presence: float = 20.0
-    mask_focal: float = 200.0
-    mask_dice: float = 10.0
-    refine_focal: float = 20.0
-    refine_dice: float = 1.0
-    refine_iou: float = 1.0
-    refine_object_score: float = 1.0
-    o2m: float = 2.0
-    score_target: Literal["iou", "binary"] = "iou"
-    mask_stride: int | None = None
-    semantic_bce: float = 0.0
-    semantic_dice: float = 0.0
-
-
 class GroundingModule(BaseTask):
     """Grounded SAM2: a noun phrase in, every matching instance (box, score, mask) out.
 
@@ -160,7 +117,7 @@ class GroundingModule(BaseTask):
         apply_prediction_settings(self.model, hp.sam2_checkpoint, self.predict_settings)
 
     def configure_losses(self) -> None:
-        self.loss_fn = GroundingLoss(**asdict(config_arg(self.hparams.loss, GroundingLossWeights)))
+        self.loss_fn = GroundingLoss(config_arg(self.hparams.loss, GroundingLossWeights))
 
     def configure_metrics(self) -> None:
         self.val_metrics = ConceptSegmentationMetrics(prefix="val_")
