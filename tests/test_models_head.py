@@ -214,3 +214,22 @@ def test_a_head_dict_changes_only_its_fields_and_mask_assignment_trains_the_prop
     loss.backward()
     assert torch.isfinite(loss)
     assert model.detector.transformer.query_selection.box.layers[-1].weight.grad.abs().sum() > 0
+
+
+def test_sam3_score_loss_f1_is_torchmetrics_f1_without_host_reads():
+    """compat patch 5: the ``ce_f1`` sam3's score loss logs, same value, no device read."""
+    import torchmetrics
+
+    from sambridge.compat.sam3 import binary_f1
+    from sambridge.profiling import HostSyncCounter
+
+    apply_sam3_compat()
+    generator = torch.Generator().manual_seed(0)
+    for preds, target in ((torch.rand(64, generator=generator), torch.randint(0, 2, (64,), generator=generator)),
+                          (torch.zeros(8), torch.zeros(8, dtype=torch.long))):  # nothing true, nothing predicted
+        expected = torchmetrics.functional.f1_score(preds, target, task="binary")
+        with HostSyncCounter() as counter:
+            got = sam3.train.loss.loss_fns.torchmetrics.functional.f1_score(preds, target, task="binary")
+        torch.testing.assert_close(got, expected)
+        assert counter.total == 0, counter.syncs
+    assert binary_f1 is sam3.train.loss.loss_fns.torchmetrics.functional.f1_score

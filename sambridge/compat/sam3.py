@@ -1,9 +1,9 @@
-"""CPU and ``torch.compile`` compatibility shim for sam3 0.1.4.
+"""CPU, ``torch.compile`` and host-sync compatibility shim for sam3 0.1.4.
 
-sam3 0.1.4 assumes a CUDA device in four places. Each patch below changes behaviour only where
-that assumption fails (no CUDA device, or CPU tensors), except 3's empty-box shortcut, which gives
-the same result everywhere. Upstream fixed the first three after 0.1.4; drop the shim when the pin
-moves past it.
+sam3 0.1.4 assumes a CUDA device in four places. Each patch 1-4 changes behaviour only where that
+assumption fails (no CUDA device, or CPU tensors), except 3's empty-box shortcut, which gives the
+same result everywhere; 5 gives the same values without host reads. Upstream fixed the first three
+after 0.1.4; drop those when the pin moves past it.
 
 1. ``PositionEmbeddingSine(precompute_resolution=...)`` fills its cache with tensors created on
    ``device="cuda"``. Without CUDA the precomputation is skipped (the cache fills lazily).
@@ -14,6 +14,9 @@ moves past it.
    the empty embedding directly; with boxes and without CUDA pinning is a no-op for that call.
 4. ``sam3.train.loss.loss_fns.sigmoid_focal_loss`` defaults to a Triton kernel (used by the
    ``Masks`` loss); on CPU tensors it falls back to sam3's own PyTorch implementation.
+5. sam3's score loss logs a ``ce_f1`` metric through ``torchmetrics.functional.f1_score`` on every
+   call, whose argument checks read the device 8 times a training step. The loss module sees a
+   binary F1 of the same value (threshold 0.5, 0 when undefined) computed on the device instead.
 
 Patches 1-2 only matter for ``sam3.model_builder``'s factories (sambridge's own head builder
 never passes those arguments). ``apply_sam3_compat()`` is idempotent and cheap; builders that
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -95,8 +99,25 @@ def _focal_loss_triton_on_cuda_only(module) -> None:
     module.sigmoid_focal_loss = _mark(sigmoid_focal_loss)
 
 
+def binary_f1(preds: torch.Tensor, target: torch.Tensor, task: str = "binary", threshold: float = 0.5) -> torch.Tensor:
+    """``torchmetrics.functional.f1_score(preds, target, task="binary")`` of probabilities ``preds``, without
+    host reads: 2 TP / (2 TP + FP + FN), 0 where nothing is predicted or true."""
+    if task != "binary":
+        raise ValueError(f"only task='binary' is replaced, got {task!r}")
+    predicted, true = preds > threshold, target.bool()
+    tp = (predicted & true).sum()
+    wrong = (predicted ^ true).sum()
+    return (2 * tp / (2 * tp + wrong).clamp(min=1)).float()
+
+
+def _sync_free_f1(module) -> None:
+    if _is_patched(module.torchmetrics):
+        return
+    module.torchmetrics = _mark(types.SimpleNamespace(functional=types.SimpleNamespace(f1_score=binary_f1)))
+
+
 def apply_sam3_compat() -> None:
-    """Install the four patches described in the module docstring (idempotent)."""
+    """Install the five patches described in the module docstring (idempotent)."""
     import sam3.model.decoder as decoder
     import sam3.model.geometry_encoders as geometry_encoders
     import sam3.model.position_encoding as position_encoding
@@ -106,3 +127,4 @@ def apply_sam3_compat() -> None:
     _drop_cuda_precompute(decoder.TransformerDecoder, resolution=None, stride=None)
     _skip_pin_memory_without_cuda(geometry_encoders.SequenceGeometryEncoder, "_encode_boxes")
     _focal_loss_triton_on_cuda_only(loss_fns)
+    _sync_free_f1(loss_fns)

@@ -163,7 +163,10 @@ class GroundedSAM2(nn.Module):
             )
         if len(phrases) == 0:
             raise ValueError("no phrases given")
-        if int(query_image.min()) < 0 or int(query_image.max()) >= images.shape[0]:
+        in_range = (query_image >= 0).all() & (query_image < images.shape[0]).all()
+        if query_image.device.type != "cpu":  # checked on the device: no wait for the host in every step
+            torch._assert_async(in_range, f"query_image values must index the {images.shape[0]} images")
+        elif not in_range:
             raise ValueError(
                 f"query_image values must index the {images.shape[0]} images, got {query_image.tolist()}"
             )
