@@ -8,6 +8,7 @@ import torch
 
 from sambridge.models import create_model
 from sambridge.models.fixed_vocabulary import FixedVocabularyGrounder, compile_grounder
+from sambridge.models.grounded_sam2 import GroundedSAM2
 from sambridge.profiling import HostSyncCounter
 
 PHRASES = ["red circle", "blue square", "green thing"]
@@ -38,6 +39,21 @@ def test_equals_forward_and_postprocess(student, images):
     torch.testing.assert_close(fast.mask_logits, chosen.view_as(fast.mask_logits), rtol=0, atol=1e-5)
 
 
+@torch.no_grad()
+def test_refined_masks_are_sam2_decoder_masks_of_the_top_k_boxes(student, images):
+    """``refine=True``: SAM2's decoder on all B x P x K boxes in one call gives ``postprocess(refine=True)``'s
+    masks (same detections, every one kept at threshold 0)."""
+    fast = FixedVocabularyGrounder(student, PHRASES, top_k=5, refine=True)(images)
+    out = student(images, PHRASES * 2, torch.tensor([0, 0, 0, 1, 1, 1]))
+    side = fast.mask_logits.shape[-1]
+    slow = student.postprocess(out, top_k=5, score_threshold=0.0, refine=True, out_hw=(side, side))
+    assert side == student.image_size // 4
+    torch.testing.assert_close(fast.scores, slow["scores"].view(2, 3, 5), rtol=0, atol=1e-6)
+    assert torch.equal(fast.mask_logits > 0, slow["masks"].view_as(fast.mask_logits))
+    with pytest.raises(ValueError, match="prompt decoder"):
+        FixedVocabularyGrounder(GroundedSAM2(student.detector, student.image_size), PHRASES, refine=True)
+
+
 def test_rejects_bad_vocabulary(student):
     with pytest.raises(ValueError, match="distinct"):
         FixedVocabularyGrounder(student, ["leaf", "leaf"])
@@ -49,7 +65,7 @@ def test_rejects_bad_vocabulary(student):
 def test_compiled_graph_equals_eager_without_host_reads(student, images):
     """One full graph (``fullgraph``: a host read would break it) that gives eager's outputs; run under
     the profiler, it reads nothing back, where forward + postprocess reads values per call."""
-    grounder = FixedVocabularyGrounder(student, PHRASES, top_k=5)
+    grounder = FixedVocabularyGrounder(student, PHRASES, top_k=5, refine=True)  # the head and SAM2's decoder
     eager = grounder(images)
     compiled = compile_grounder(grounder, mode="default", backend="aot_eager")
     with HostSyncCounter():  # compiles under the counter's torch-function mode, which dynamo guards on

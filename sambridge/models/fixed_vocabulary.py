@@ -14,7 +14,8 @@ with shapes fixed by (B, P, K) and, compiled, no value read back to the host
 ``torch.compile(mode="reduce-overhead")`` needs to replay the whole call as one CUDA graph and what
 ONNX export traces. Build it on the device it runs on. Detections are the top K decoder queries per
 (image, phrase) by score (sigmoid(logit) x sigmoid(presence), as ``GroundedSAM2.postprocess``) with
-the head's own mask logits (stride 4; the students' stride 8); thresholding and resizing are the caller's.
+the head's own mask logits (stride 4; the students' stride 8) or, with ``refine=True``, SAM2's decoder's
+for every top-K box in one batched call; thresholding and resizing are the caller's.
 """
 
 from __future__ import annotations
@@ -52,16 +53,21 @@ class FixedVocabularyGrounder(nn.Module):
         model: A ``GroundedSAM2`` (Grounded SAM2 or a distilled student), in eval mode.
         phrases: The vocabulary: P noun phrases, each image is grounded with all of them.
         top_k: Detections kept per (image, phrase), at most the model's queries.
+        refine: Masks from SAM2's mask decoder prompted with every top-K box, in one batched call
+            (``postprocess(refine=True)``'s masks, at stride 4), instead of the head's own.
     """
 
-    def __init__(self, model: GroundedSAM2, phrases: Sequence[str], top_k: int = 20) -> None:
+    def __init__(self, model: GroundedSAM2, phrases: Sequence[str], top_k: int = 20, refine: bool = False) -> None:
         super().__init__()
         self.phrases = list(phrases)
         if not self.phrases or len(set(self.phrases)) != len(self.phrases):
             raise ValueError(f"phrases must be a non-empty list of distinct phrases, got {self.phrases}")
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if refine and model.prompt_decoder is None:
+            raise ValueError("refine=True needs a model with SAM2's prompt decoder")
         self.model = model.eval()
+        self.refine = refine
         self.top_k = min(top_k, model.num_queries)
         self.image_size = model.image_size
         with torch.no_grad():
@@ -93,9 +99,16 @@ class FixedVocabularyGrounder(nn.Module):
         top = GroundedSAM2.scores(out).topk(self.top_k, dim=1)
         rows = torch.arange(len(query), device=images.device)[:, None]
         boxes = out["pred_boxes_xyxy"][rows, top.indices].clamp(0, 1)
-        masks = out["pred_masks"][rows, top.indices]
-        presence = out["presence_logit_dec"][:, 0].sigmoid()
         k = self.top_k
+        if self.refine:  # detection (q, k) is in image q // P: flat row r = q * K + k in r // (K * P)
+            image = torch.div(torch.arange(batch * phrases * k, device=images.device), k * phrases,
+                              rounding_mode="floor")
+            logits = self.model.prompt_decoder(out["sam2_backbone_fpn"], image_index=image,
+                                               boxes=boxes.reshape(-1, 4))[0]
+            masks = logits[:, 0].view(len(query), k, *logits.shape[-2:])
+        else:
+            masks = out["pred_masks"][rows, top.indices]
+        presence = out["presence_logit_dec"][:, 0].sigmoid()
         return VocabularyOutputs(
             scores=top.values.view(batch, phrases, k),
             boxes_xyxy=boxes.view(batch, phrases, k, 4),
