@@ -83,7 +83,7 @@ def export_adapters(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pa
 def _onnx_options(args: argparse.Namespace) -> list[str]:
     """The ``--format onnx`` options given."""
     given = {"--text": args.text, "--vocabulary": args.vocabulary, "--top-k": args.top_k is not None,
-             "--opset": args.opset is not None, "--batch": args.batch is not None}
+             "--opset": args.opset is not None, "--batch": args.batch is not None, "--masks": args.masks is not None}
     return [flag for flag, value in given.items() if value]
 
 

@@ -72,8 +72,8 @@ OUTPUT_MEANINGS = {
     "scores": "detection score in [0, 1] of the top-K decoder queries per (image, phrase), sorted descending: "
               "sigmoid(match logit) x presence (SAM3's); keep scores >= 0.5 (SAM3's threshold)",
     "boxes_xyxy": "box (x0, y0, x1, y1) of each detection, normalised to [0, 1] by the S x S canvas",
-    "mask_logits": "mask logits of each detection at stride {stride} of the S x S canvas (the grounding head's "
-                   "own): mask = logit > 0 (sigmoid >= 0.5) after resizing to the canvas",
+    "mask_logits": "mask logits of each detection at stride {stride} of the S x S canvas ({source}): "
+                   "mask = logit > 0 (sigmoid >= 0.5) after resizing to the canvas",
     "presence": "probability in [0, 1] that the phrase is in the image at all",
 }
 
@@ -235,12 +235,15 @@ def describe(grounder: FixedVocabularyGrounder, graph: onnx.GraphProto, opset: i
     size, model = grounder.image_size, grounder.model
     shapes, input_shape = _shapes(graph.output), _shapes(graph.input)[INPUT]
     meanings = {**OUTPUT_MEANINGS,
-                "mask_logits": OUTPUT_MEANINGS["mask_logits"].format(stride=size // shapes["mask_logits"][-1])}
+                "mask_logits": OUTPUT_MEANINGS["mask_logits"].format(
+                    stride=size // shapes["mask_logits"][-1],
+                    source="SAM2's mask decoder on the box" if grounder.refine else "the grounding head's own")}
     return {
         "format": "sambridge-onnx-grounder/1",
         "phrases": grounder.phrases,
         "image_size": size,
         "top_k": grounder.top_k,
+        "masks": "sam2" if grounder.refine else "head",
         "batch": None if input_shape[0] == "batch" else input_shape[0],
         "opset": opset,
         "input": {
@@ -260,7 +263,8 @@ def describe(grounder: FixedVocabularyGrounder, graph: onnx.GraphProto, opset: i
 
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, phrases: Sequence[str],
-                top_k: int = DEFAULT_TOP_K, opset: int = DEFAULT_OPSET, batch: int | None = None) -> OnnxExport:
+                top_k: int = DEFAULT_TOP_K, opset: int = DEFAULT_OPSET, batch: int | None = None,
+                masks: str = "head") -> OnnxExport:
     """Export the model of ``checkpoint`` (Lightning ``.ckpt`` or student file) with ``phrases`` to ONNX.
 
     Writes ``out`` and :func:`sidecar_path` (atomically) once onnxruntime reproduces the model.
@@ -272,6 +276,8 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, phrases: 
         top_k: Detections per (image, phrase).
         opset: ONNX opset of the graph.
         batch: Fixed batch size; ``None``: dynamic.
+        masks: ``head`` (the grounding head's mask logits) or ``sam2`` (SAM2's mask decoder on every
+            top-K box, ``FixedVocabularyGrounder(refine=True)``).
 
     Raises:
         FileExistsError: ``out`` or its sidecar exists.
@@ -282,7 +288,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, phrases: 
     for path in (out, sidecar):
         if path.exists():
             raise FileExistsError(f"{path} exists; choose another --out or remove it first")
-    grounder = FixedVocabularyGrounder(load_trained_model(checkpoint), phrases, top_k)
+    grounder = FixedVocabularyGrounder(load_trained_model(checkpoint), phrases, top_k, refine=masks == "sam2")
     start = time.perf_counter()
     model = to_onnx(grounder, opset, batch)
     seconds = time.perf_counter() - start
@@ -305,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
     phrases = command_phrases(args.text, args.vocabulary, "export")
     top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
     opset = DEFAULT_OPSET if args.opset is None else args.opset
-    done = export_onnx(args.checkpoint, args.out, phrases, top_k=top_k, opset=opset, batch=args.batch)
+    done = export_onnx(args.checkpoint, args.out, phrases, top_k=top_k, opset=opset, batch=args.batch,
+                       masks=args.masks or "head")
     about, parity = done.description, done.description["parity"]
     print(f"ONNX graph written to {done.path} ({done.path.stat().st_size / 2**20:.1f} MiB, opset {about['opset']}, "
           f"batch {about['batch'] or 'dynamic'}, {len(about['phrases'])} phrase(s), top {about['top_k']}) in "

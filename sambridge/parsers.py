@@ -102,6 +102,9 @@ def export_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--opset", type=positive_int, help="ONNX opset (default 18)")
     onnx.add_argument("--batch", type=positive_int, metavar="N",
                       help="fixed batch size (default: dynamic batch)")
+    onnx.add_argument("--masks", choices=("head", "sam2"),
+                      help="mask logits of the grounding head (default) or of SAM2's mask decoder prompted with "
+                           "every top-K box (stride 4; in the graph)")
     return parser
 
 

@@ -141,6 +141,7 @@ def test_user_errors_end_with_one_line_and_exit_code_2(exported, student_file, t
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "a.onnx").exists()
     for args, message in ((["--text", "leaf"], "--text only go with --format onnx"),
+                          (["--masks", "sam2"], "--masks only go with --format onnx"),
                           (["--format", "onnx", "--adapters-only"], "--adapters-only writes LoRA adapters")):
         with pytest.raises(SystemExit) as stopped:
             main(["export", "--checkpoint", str(student_file), "--out", str(tmp_path / "b"), *args])
@@ -160,3 +161,13 @@ def test_the_default_dynamic_batch_graph_runs_any_batch(student_file, grounder, 
     assert sidecar["parity"]["batches"] == [1, 3] and sidecar["outputs"]["scores"]["shape"] == ["batch", 3, TOP_K]
     for batch in (1, 4):
         assert_parity(out, grounder, batch, seed=batch)
+
+
+@pytest.mark.slow
+def test_sam2_decoder_masks_export_with_the_boxes(student_file, tmp_path):
+    """``--masks sam2``: SAM2's mask decoder on every top-K box is in the graph, stride-4 logits."""
+    out = export(student_file, tmp_path / "sam2.onnx", "--batch", "1", "--masks", "sam2")
+    sidecar = json.loads(sidecar_path(out).read_text())
+    assert sidecar["masks"] == "sam2" and sidecar["outputs"]["mask_logits"]["shape"] == [1, 3, TOP_K, 32, 32]
+    refined = FixedVocabularyGrounder(load_student(student_file), PHRASES, top_k=TOP_K, refine=True)
+    assert_parity(out, refined, 1, seed=5)
