@@ -176,6 +176,7 @@ def fake_scontrol(folder: Path) -> Path:
     return folder / "calls"
 
 
+@pytest.mark.slow  # 22 s; the default suite keeps the killed-run resume above (make test-all runs this)
 @pytest.mark.timeout(300)
 def test_sigusr1_checkpoints_between_steps_requeues_and_the_job_resumes(shards, tmp_path):
     calls = fake_scontrol(tmp_path / "bin")
