@@ -193,8 +193,6 @@ def _shards(spec: str | list[str]) -> Source:
         raise InputError(f"--input {spec}: {err}") from err
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # the output folder: settings, progress, results
 # ----------------------------------------------------------------------------------------------
