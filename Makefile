@@ -2,12 +2,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-all lint
+.PHONY: install demo demo-video test test-all lint
 install:
 	@bash scripts/setup.sh
 
 demo: install
 	$(PY) -m sambridge demo
+
+# after `make demo`: track and count its concepts in generated moving-shapes clips (docs/video.md)
+demo-video: install
+	$(PY) -m sambridge demo-video
 
 test: install
 	$(PY) -m pytest -q

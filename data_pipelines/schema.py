@@ -23,6 +23,7 @@ import io
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,6 +230,15 @@ def checked_image_size(data: bytes) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------
+def check_header(meta: Any, fail: Callable[[str, str], None]) -> None:
+    """What every record's ``json`` is first checked for: an object of this schema version (``fail(message,
+    field)`` raises)."""
+    if not isinstance(meta, dict):
+        fail(f"expected an object, got {type(meta).__name__}", "json")
+    if meta.get("schema") != SCHEMA_VERSION:
+        fail(f"schema version {meta.get('schema')!r} is not {SCHEMA_VERSION}", "schema")
+
+
 def validate_meta(meta: Any, *, key: str | None = None, source: str | None = None,
                   image_size: tuple[int, int] | None = None) -> None:
     """Check a sample's ``json`` against the schema; raise :class:`SampleError` naming the field.
@@ -242,10 +252,7 @@ def validate_meta(meta: Any, *, key: str | None = None, source: str | None = Non
     def fail(message: str, where: str) -> None:
         raise SampleError(message, source=source, key=key, field=where)
 
-    if not isinstance(meta, dict):
-        fail(f"expected an object, got {type(meta).__name__}", "json")
-    if meta.get("schema") != SCHEMA_VERSION:
-        fail(f"schema version {meta.get('schema')!r} is not {SCHEMA_VERSION}", "schema")
+    check_header(meta, fail)
     image = meta.get("image")
     if not isinstance(image, dict):
         fail("missing or not an object", "image")

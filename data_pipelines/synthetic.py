@@ -91,11 +91,7 @@ class SyntheticConfig:
     image_format: str = "png"
 
     def __post_init__(self) -> None:
-        unknown = ([k for k in self.kinds if k not in KINDS] + [c for c in self.colours if c not in COLOURS]
-                   + [s for s in self.sizes if s not in SIZES])
-        if unknown:
-            raise ValueError(f"unknown kinds/colours/sizes {unknown}; choose from {KINDS}, "
-                             f"{tuple(COLOURS)}, {tuple(SIZES)}")
+        check_appearance(self.kinds, self.colours, self.sizes)
         for combo in self.heldout:
             colour, _, kind = combo.partition(" ")
             if colour not in self.colours or kind not in self.kinds:
@@ -143,6 +139,15 @@ class Concept:
     def names_pair(self, pairs: frozenset[tuple[str, str]]) -> bool:
         """True when this phrase names one of the (colour, kind) ``pairs``."""
         return (self.colour, self.kind) in pairs
+
+
+def check_appearance(kinds: Sequence[str], colours: Sequence[str], sizes: Sequence[str]) -> None:
+    """``ValueError`` naming any kind, colour or size this generator cannot draw."""
+    unknown = ([k for k in kinds if k not in KINDS] + [c for c in colours if c not in COLOURS]
+               + [s for s in sizes if s not in SIZES])
+    if unknown:
+        raise ValueError(f"unknown kinds/colours/sizes {unknown}; choose from {KINDS}, {tuple(COLOURS)}, "
+                         f"{tuple(SIZES)}")
 
 
 def _attribute_subsets(axes: Sequence[str]) -> Iterator[tuple[str, ...]]:

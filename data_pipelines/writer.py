@@ -460,15 +460,17 @@ def add_sink_arguments(parser: Any, default_prefix: str = "shard") -> None:
 
 def sink_from_args(args: Any, *, out_dir: str | os.PathLike | None = None, total: int | None = None,
                    extra: dict[str, Any] | None = None,
-                   command: Sequence[str] | str | None = None) -> ShardSink:
-    """A :class:`ShardSink` configured from :func:`add_sink_arguments` options."""
+                   command: Sequence[str] | str | None = None,
+                   sink_class: type[ShardSink] | None = None) -> ShardSink:
+    """A :class:`ShardSink` (or ``sink_class``, a subclass) configured from :func:`add_sink_arguments`
+    options."""
     import sys
 
     mode: WriteMode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
     if command is None:
         command = ["python", "-m", "data_pipelines", *sys.argv[1:]]
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_FLAGS and not callable(v)}
-    return ShardSink(out_dir or args.out, prefix=args.prefix, max_count=args.max_count,
-                     max_bytes=args.max_bytes, mode=mode, command=command,
-                     on_invalid="raise" if args.strict else "skip",
-                     progress=not args.no_progress, total=total, extra=extra, settings=settings)
+    return (sink_class or ShardSink)(out_dir or args.out, prefix=args.prefix, max_count=args.max_count,
+                                     max_bytes=args.max_bytes, mode=mode, command=command,
+                                     on_invalid="raise" if args.strict else "skip",
+                                     progress=not args.no_progress, total=total, extra=extra, settings=settings)

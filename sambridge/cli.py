@@ -6,10 +6,13 @@
     sambridge data coco|saco|mask-folder|instance-folders|synthetic|orchard|inspect ...
     sambridge pseudo-label --teacher checkpoints/sam3.pt --images DIR --vocabulary FILE --out DIR
     sambridge evaluate --gt GT.json --pred PRED.json
+    sambridge evaluate-video --gt ground_truth.json --pred masklets.json
     sambridge export --checkpoint last.ckpt --out student.pt
     sambridge export --format onnx --checkpoint student.pt --text "ripe apple" --out student.onnx
     sambridge segment --checkpoint student.pt --input DIR --text "ripe apple" --out DIR
+    sambridge track --checkpoint student.pt --input VIDEO --text "ripe apple" --out DIR
     sambridge demo
+    sambridge demo-video
 
 A user error (a missing file, a bad checkpoint, shard or annotation) ends any of them with one line,
 ``error: ...``, and exit code 2; ``--debug`` (or ``SAMBRIDGE_DEBUG=1``) shows the traceback instead.
@@ -48,8 +51,11 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "pseudo-label": ("sambridge.pseudo_label", "label images or shards with a SAM3 teacher -> shards"),
     "evaluate": ("sambridge.evaluate", "SA-Co / COCO metrics on GT and prediction files"),
     "demo": ("sambridge.demo", "train the tiny Grounded SAM2 on synthetic shards and report"),
+    "demo-video": ("sambridge.demo_video", "track and count the demo's concepts in generated clips (after demo)"),
     "export": ("sambridge.export", "write a standalone student file, or an ONNX graph for a fixed vocabulary"),
     "segment": ("sambridge.segment", "segment an image, a folder or shards from noun phrases -> COCO results"),
+    "track": ("sambridge.track", "track noun phrases through a video or frame folder -> masklets, counts"),
+    "evaluate-video": ("sambridge.evaluate_video", "HOTA, video cgF1, ID switches and counting error of masklets"),
 }
 
 DEBUG_FLAG = "--debug"
@@ -95,8 +101,8 @@ def quiet_known_noise() -> None:
 
 def top_parser(prog: str = "sambridge") -> argparse.ArgumentParser:
     """``sambridge --help``: the commands, each with its own ``--help``."""
-    training = "\n".join(f"  {name:13s}{help_}" for name, help_ in TRAINING_COMMANDS.items())
-    tools = "\n".join(f"  {name:13s}{help_}" for name, (_, help_) in TOOL_COMMANDS.items())
+    training = "\n".join(f"  {name:16s}{help_}" for name, help_ in TRAINING_COMMANDS.items())
+    tools = "\n".join(f"  {name:16s}{help_}" for name, (_, help_) in TOOL_COMMANDS.items())
     resume = textwrap.fill(RESUME_HELP, width=100, initial_indent="  ", subsequent_indent="  ")
     parser = argparse.ArgumentParser(
         prog=prog, usage="%(prog)s [-h] COMMAND [ARGS ...] [--debug]",

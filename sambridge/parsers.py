@@ -70,6 +70,24 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def evaluate_video_parser() -> argparse.ArgumentParser:
+    """``sambridge evaluate-video`` (:mod:`sambridge.evaluate_video`)."""
+    parser = argparse.ArgumentParser(
+        prog="sambridge evaluate-video",
+        description="Tracking metrics of masklets JSONs (sambridge track) against YT-VIS ground truth: HOTA "
+                    "(sam3's TrackEval), SA-Co/VEval video cgF1 / pmF1 / IL_MCC (sam3), ID switches, IDF1, MOTA "
+                    "(py-motmetrics) and counting error, overall and per phrase.")
+    parser.add_argument("--gt", required=True, metavar="ground_truth.json",
+                        help="YT-VIS ground truth with SA-Co/VEval's video_np_pairs (one category per phrase)")
+    parser.add_argument("--pred", nargs="+", required=True, metavar="masklets.json",
+                        help="masklets JSONs written by sambridge track, each naming its video by video.name")
+    parser.add_argument("--out", metavar="evaluation.json", help="write every metric, overall and per phrase, as JSON")
+    parser.add_argument("--score-threshold", type=float, default=0.0,
+                        help="leave out masklets whose score is below this (default 0: every masklet, as the "
+                             "tracker counts them; SA-Co/VEval uses 0.5 on SAM3's scores)")
+    return parser
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
     value = int(text)
@@ -137,6 +155,70 @@ def segment_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def add_tracker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tracker's settings (``sambridge track``, ``sambridge demo-video``); left out, the defaults of
+    ``sambridge.tracking.TrackerConfig`` apply."""
+    parser.add_argument("--score-threshold", type=unit_float,
+                        help="detections scoring at least this keep objects going (default 0.5)")
+    parser.add_argument("--birth-threshold", type=unit_float,
+                        help="detections scoring at least this can start a new object; weaker ones only continue "
+                             "one (default: the score threshold)")
+    parser.add_argument("--exclusive-phrases", action="store_true",
+                        help="each object answers one phrase at most: one track per object whichever phrase detects "
+                             "it, its phrase the one detected most (not for nested phrases: apple / red apple)")
+    parser.add_argument("--match-iou", type=unit_float,
+                        help="least association score (mask IoU, centre proximity, containment) of a detection and "
+                             "a track (default 0.3)")
+    parser.add_argument("--max-missed", type=non_negative_int,
+                        help="frames a track may go undetected before it ends (default 5)")
+    parser.add_argument("--min-hits", type=positive_int,
+                        help="detections in a row that confirm a new object (default 3)")
+
+
+def track_parser() -> argparse.ArgumentParser:
+    """``sambridge track`` (:mod:`sambridge.track`, whose docstring is the description)."""
+    parser = argparse.ArgumentParser(prog="sambridge track", description=module_doc("sambridge.track"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt or student file (sambridge export)")
+    parser.add_argument("--input", required=True, metavar="VIDEO_OR_FRAME_DIR",
+                        help="a video file, or a folder of PNG/JPEG frames (sorted by name, one size)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--text", action="append", default=[], help="noun phrase (repeat for several)")
+    parser.add_argument("--vocabulary", metavar="FILE",
+                        help="phrases, one a line ('#' comments; data_pipelines.vocab format)")
+    add_tracker_arguments(parser)
+    parser.add_argument("--sam2-checkpoint", metavar="FILE",
+                        help="official SAM2 checkpoint whose memory carries objects between detections "
+                             "(default: none; tracks move at their velocity between detections)")
+    parser.add_argument("--sam2-config", choices=("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+",
+                                                  "sam2.1_hiera_l"),
+                        help="the SAM2 architecture of --sam2-checkpoint (the model's own trunk)")
+    parser.add_argument("--every", type=positive_int, default=1, metavar="N",
+                        help="track every N-th frame of the input (default 1: all)")
+    parser.add_argument("--max-frames", type=positive_int, metavar="N", help="track N frames at most")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--no-overlays", action="store_true", help="write no overlay video or frames")
+    parser.add_argument("--overlay-format", choices=("mp4", "png"), default="mp4",
+                        help="overlay.mp4 (default) or overlays/00000.png ...")
+    return parser
+
+
 def demo_parser() -> argparse.ArgumentParser:
     """``sambridge demo`` (:mod:`sambridge.demo`); it sets the default of ``--config``."""
     parser = argparse.ArgumentParser(prog="sambridge demo", description=module_doc("sambridge.demo"),
@@ -149,6 +231,21 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlays", type=int, default=12, help="held-out overlay PNGs to write")
     parser.add_argument("--overlay-threshold", type=float, default=0.5,
                         help="draw detections scoring at least this (SAM3's threshold, the one cgF1 uses)")
+    return parser
+
+
+def demo_video_parser() -> argparse.ArgumentParser:
+    """``sambridge demo-video`` (:mod:`sambridge.demo_video`)."""
+    parser = argparse.ArgumentParser(prog="sambridge demo-video", description=module_doc("sambridge.demo_video"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/demo/checkpoints/last.ckpt",
+                        help="the grounding model to track with (default: what `make demo` trained)")
+    parser.add_argument("--data", default="data/video_demo", help="generated clips (made if missing)")
+    parser.add_argument("--out", default="runs/demo_video", help="output folder")
+    parser.add_argument("--clips", type=positive_int, default=4, help="clips to generate (if generated)")
+    parser.add_argument("--frames", type=positive_int, default=48, help="frames per clip (if generated)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the generated clips (if generated)")
+    add_tracker_arguments(parser)
     return parser
 
 
@@ -191,9 +288,12 @@ def pseudo_label_parser() -> argparse.ArgumentParser:
 
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "evaluate": evaluate_parser,
+    "evaluate-video": evaluate_video_parser,
     "export": export_parser,
     "demo": demo_parser,
+    "demo-video": demo_video_parser,
     "pseudo-label": pseudo_label_parser,
     "segment": segment_parser,
+    "track": track_parser,
 }
 """Tool command -> its parser (``sambridge data`` has its own light dispatcher, :mod:`data_pipelines.cli`)."""

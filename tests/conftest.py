@@ -1,8 +1,9 @@
-"""Shared fixtures: a tiny Grounded SAM2 factory and a seeded synthetic GroundingBatch."""
+"""Shared fixtures: a tiny Grounded SAM2 factory, a seeded synthetic GroundingBatch, a tiny student file."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +98,15 @@ def tiny_grounded_sam2() -> Callable[..., torch.nn.Module]:
         return create_model("grounded_sam2_tiny", **overrides)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny student file (96 px): random weights score every detection, enough to exercise a
+    command."""
+    from sambridge.models import create_model, save_student
+
+    torch.manual_seed(0)
+    model = create_model("grounded_sam2_student_tiny", image_size=96)
+    path = tmp_path_factory.mktemp("student") / "student.pt"
+    return save_student(model, "grounded_sam2_student_tiny", {"image_size": 96}, path)

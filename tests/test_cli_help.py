@@ -26,7 +26,7 @@ ARGPARSE_COMMANDS = [
     ((*PY, "-m", "data_pipelines", "--help"), "python -m data_pipelines"),
     ((*PY, "-m", "data_pipelines", "synthetic", "--help"), "python -m data_pipelines synthetic"),
     *[((str(SAMBRIDGE), name, "--help"), f"sambridge {name}")
-      for name in ("evaluate", "export", "pseudo-label", "demo", "segment")],
+      for name in ("evaluate", "export", "pseudo-label", "demo", "demo-video", "segment", "track", "evaluate-video")],
 ]
 HEAVY = ("torch", "lightning", "sam2", "sam3", "open_clip", "timm", "webdataset")
 

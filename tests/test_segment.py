@@ -18,19 +18,9 @@ from sambridge import segment as segment_module
 from sambridge.cli import main
 from sambridge.inference import Segmenter, load_model
 from sambridge.metrics.saco import ground_truth_from_samples, saco_pair_id
-from sambridge.models import create_model, save_student
 from sambridge.segment import IMAGES_FILE, PROGRESS_FILE, RESULTS_FILE, SETTINGS_FILE
 
 PHRASES = ("red circle", "star")
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> Path:
-    """An untrained tiny student file: random weights score every detection, enough to exercise the command."""
-    torch.manual_seed(0)
-    model = create_model("grounded_sam2_student_tiny", image_size=96)
-    path = tmp_path_factory.mktemp("student") / "student.pt"
-    return save_student(model, "grounded_sam2_student_tiny", {"image_size": 96}, path)
 
 
 @pytest.fixture(scope="module")

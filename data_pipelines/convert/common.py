@@ -234,10 +234,15 @@ class Converter(ABC):
                 yield Skip(self.key(index), skip.reason, skip.detail)
 
 
-def write_shards(args: Any, converter: Converter) -> int:
-    """Write ``converter``'s samples with the sink options in ``args``; print the summary."""
+def write_shards(args: Any, converter: Converter, *, clips: bool = False) -> int:
+    """Write ``converter``'s samples (or, with ``clips``, its :class:`~data_pipelines.video.Clip` items) with
+    the sink options in ``args``; print the summary."""
+    sink_class = None
+    if clips:
+        from data_pipelines.video import ClipSink as sink_class  # only the video converters need it
+
     with sink_from_args(args, total=len(converter), extra=converter.manifest_extra(),
-                        command=args.command_line) as sink:
+                        command=args.command_line, sink_class=sink_class) as sink:
         for item in converter.items(start=sink.start_index):
             sink.add(item)
     print(sink.summary())

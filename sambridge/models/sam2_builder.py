@@ -34,6 +34,7 @@ SAM2_TINY_OVERRIDES = (
     "++model.memory_attention.layer.self_attention.embedding_dim=64",
     "++model.memory_attention.layer.cross_attention.embedding_dim=64",
     "++model.memory_attention.layer.cross_attention.kv_in_dim=32",
+    "++model.memory_encoder.in_dim=64",
     "++model.memory_encoder.out_dim=32",
     "++model.memory_encoder.position_encoding.num_pos_feats=32",
     "++model.memory_encoder.fuser.layer.dim=64",
