@@ -52,6 +52,7 @@ def _memorise(tmp_path, loss: GroundingLossWeights) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.compute().items()}
 
 
+@pytest.mark.slow  # about a minute on two cores: `pytest -m slow tests/test_overfit.py`
 @pytest.mark.timeout(120)
 def test_head_memorises_eight_images(tmp_path):
     scores = _memorise(tmp_path, GroundingLossWeights(mask_stride=1, score_target="binary"))

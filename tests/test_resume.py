@@ -132,6 +132,7 @@ def wait_for(path_glob: str, root: Path, proc, timeout: float = 240) -> Path:
     raise TimeoutError(f"no {path_glob} under {root} after {timeout} s")
 
 
+@pytest.mark.slow  # about a minute on two cores
 @pytest.mark.timeout(300)
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_and_ends_like_an_uninterrupted_one(
         shards, tmp_path):
