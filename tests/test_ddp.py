@@ -40,6 +40,7 @@ def logged(root: Path, column: str) -> list[float]:
     return [float(row[column]) for row in rows if row.get(column)]
 
 
+@pytest.mark.slow  # 30 s; DDP metric sync stays in the default suite (test_metrics_streaming)
 @pytest.mark.timeout(300)
 def test_two_rank_ddp_fit_reads_disjoint_data_and_counts_each_val_query_once(shards, tmp_path):
     # 16 images over 2 ranks x 1 worker, batch 2: 4 steps are one epoch, each rank reading 8 images;
