@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # lazy: parse (and answer --help) before loading the models
     from data_pipelines.frames import read_frames
     from data_pipelines.video import iter_clips
-    from sambridge.evaluate_video import evaluate_video_files
+    from sambridge.evaluate_video import evaluate_video_files, read_json
     from sambridge.inference import load_model
     from sambridge.metrics.video import evaluate_video
     from sambridge.track import MASKLETS_FILE, count_table, track_video, tracker_config, write_outputs
@@ -90,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = tracker_config(args)
     ensure_clips(data_dir, args.clips, args.frames, args.seed)
-    truth = json.loads((data_dir / "ground_truth.json").read_text())
+    truth = read_json(data_dir / "ground_truth.json")
     categories = {c["id"]: c["name"] for c in truth["categories"]}
     phrases = {v["id"]: [] for v in truth["videos"]}
     for pair in truth["video_np_pairs"]:

@@ -55,6 +55,17 @@ def cli_process(args: list[str], env: dict[str, str] | None = None, **kwargs) ->
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
 
 
+def exit_code(argv: list[str]) -> int:
+    """``sambridge ARGV`` in this process; its exit code (0, or what it ended with)."""
+    from sambridge.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as stopped:
+        return stopped.code
+    return 0
+
+
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> str:
     """Run ``python train.py ARGS`` to completion; returns its output, fails the test on an error."""
     proc = cli_process(args, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

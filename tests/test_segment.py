@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from run_helpers import exit_code
 from shard_helpers import make_sample, random_image
 
 from data_pipelines.schema import decode_rle
@@ -48,11 +49,7 @@ def segment(student: Path, source: Path | str, out: Path, *extra: str) -> int:
     """``sambridge segment`` in this process (top 2 per phrase at threshold 0); its exit code."""
     argv = ["segment", "--checkpoint", str(student), "--input", str(source), "--out", str(out), "--threshold", "0",
             "--top-k", "2", "--workers", "0", *[a for p in PHRASES for a in ("--text", p)], *extra]
-    try:
-        main(argv)
-    except SystemExit as stopped:
-        return stopped.code
-    return 0
+    return exit_code(argv)
 
 
 def read(out: Path, name: str):

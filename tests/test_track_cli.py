@@ -13,6 +13,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+from run_helpers import exit_code
 
 from data_pipelines.frames import read_frames
 from data_pipelines.overlay import colour
@@ -124,11 +125,7 @@ def track(student: Path, source: Path, out: Path, *extra: str) -> int:
     """``sambridge track`` in this process (every detection tracked); its exit code."""
     argv = ["track", "--checkpoint", str(student), "--input", str(source), "--out", str(out), "--device", "cpu",
             "--score-threshold", "0", "--min-hits", "1", *[a for p in PHRASES for a in ("--text", p)], *extra]
-    try:
-        main(argv)
-    except SystemExit as stopped:
-        return stopped.code
-    return 0
+    return exit_code(argv)
 
 
 def test_track_writes_masklets_counts_plot_and_overlay_video(student: Path, tmp_path: Path, capsys) -> None:
