@@ -205,6 +205,7 @@ def host_syncs(args: argparse.Namespace, batches: list, log_dir: Path) -> dict:
 
     fused = {"auto": None, "true": True, "false": False}[args.fused]
     module = build_module(args, fused=fused)
+    module.loss_on_progress_bar = False  # as on a GPU: the bar would read the loss after every step
     start = 2  # after the first steps' one-off work
     profiler = _SyncProfiler(start, args.profile_steps)
     trainer = pl.Trainer(accelerator="gpu" if "cuda" in args.device else "cpu", devices=1,

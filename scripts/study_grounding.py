@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--negatives", type=int, default=2, help="absent phrases asked per training image")
+    parser.add_argument("--save", help="write the trained model's state dict here at the end")
     parser.add_argument("--nms-iou", type=float, default=0.5, help="NMS of the one-to-many outputs")
     args = parser.parse_args()
 
@@ -48,7 +50,7 @@ def main() -> None:
     torch.manual_seed(0)
     data = ShardDataModule(train=f"{args.data}/train", val=f"{args.data}/val", test=f"{args.data}/heldout",
                            batch_size=8, num_workers=0, pin_memory=False, persistent_workers=False,
-                           image_size=args.image_size, max_queries_per_image=6, negatives_per_image=2)
+                           image_size=args.image_size, max_queries_per_image=6, negatives_per_image=args.negatives)
     data.setup("fit")
     data.setup("test")
     optimizer_config = OptimizerConfig(lr=args.lr, lr_multipliers={"backbone": 1.0, "text": 1.0},
@@ -78,7 +80,7 @@ def main() -> None:
                         batch)
         model.one_to_many_outputs = False
         model.train()
-        keys = ("cgF1", "AP", "IL_MCC", "pmF1", "count_mae", "duplicate_rate")
+        keys = ("cgF1", "cgF1@0.5", "AP", "AP50", "AP75", "IL_MCC", "pmF1", "mIoU", "count_mae", "duplicate_rate")
         return {name: {k: round(float(v), 3) for k, v in m.compute().items() if k in keys}
                 for name, m in scores.items()}
 
@@ -112,6 +114,8 @@ def main() -> None:
             row = {"step": step, "seconds": round(time.time() - start),
                    "val": evaluate(data.val_dataloader()), "heldout": evaluate(data.test_dataloader())}
             print(json.dumps(row), flush=True)
+    if args.save:
+        torch.save(model.state_dict(), args.save)
 
 
 if __name__ == "__main__":

@@ -258,3 +258,53 @@ def test_binary_score_target_pushes_a_matched_score_up_where_the_iou_target_push
     assert matched_logit_gradient(loss_fns.IABCEMdetr) > 0 > matched_logit_gradient(BinaryTargetIABCE)
     with pytest.raises(ValueError, match="score_target must be"):
         GroundingLoss(GroundingLossWeights(score_target="soft"))
+
+
+def test_score_absent_trains_the_query_scores_of_an_absent_phrase_towards_zero(make_batch):
+    from sambridge.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("grounded_sam2_tiny").train()
+    batch = make_batch(queries=((0, "green box", True), (1, "blue box", False)))
+    out = model(batch.images, batch.phrases, batch.query_image, targets=batch)
+
+    def score_gradient(score_absent: bool) -> torch.Tensor:
+        logits = out["pred_logits"].detach().requires_grad_(True)
+        terms = GroundingLoss(GroundingLossWeights(score_absent=score_absent))({**out, "pred_logits": logits}, batch)
+        terms["loss_ce"].backward()
+        return logits.grad[..., 0]
+
+    assert not score_gradient(False).any()  # SAM3: an absent phrase trains presence only
+    grad = score_gradient(True)
+    assert (grad[0] > 0).all()  # the exhaustive negative: every query score pushed down
+    assert not grad[1].any()  # a non-exhaustive query without instances: nothing known, nothing learnt
+
+
+def test_refinement_runs_in_training_only_when_a_refine_weight_is_set(make_batch):
+    from sambridge.modules import GroundingModule
+
+    batch = make_batch()
+    off = GroundingLossWeights(refine_focal=0.0, refine_dice=0.0, refine_iou=0.0, refine_object_score=0.0)
+    for weights, refined in ((GroundingLossWeights(), True), (off, False)):
+        module = GroundingModule(model="grounded_sam2_tiny", loss=weights).train()
+        out = module.model(batch.images, batch.phrases, batch.query_image, targets=batch)
+        assert ("refine" in out) is refined
+        terms = module.loss_fn(out, batch)
+        assert any(k.startswith("refine_") for k in terms) is refined
+
+
+@pytest.mark.parametrize("on_bar", [None, False])
+def test_the_training_loss_is_on_the_progress_bar_only_where_reading_it_is_free(make_batch, on_bar):
+    """Lightning reads progress-bar metrics off the device after every batch: on a CPU that is free, on a
+    GPU (``loss_on_progress_bar`` left at None there means False) the loss stays in the logger only."""
+    import lightning.pytorch as pl
+
+    from sambridge.modules import GroundingModule
+
+    module = GroundingModule(model="grounded_sam2_tiny")
+    module.loss_on_progress_bar = on_bar
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(module, torch.utils.data.DataLoader([make_batch()], batch_size=None))
+    assert ("train_loss" in trainer.progress_bar_metrics) is (on_bar is None)
+    assert "train_loss" in trainer.callback_metrics

@@ -1,5 +1,7 @@
 """Grounding head = sam3's detector head: same modules as sam3.model_builder, SAM3-checkpoint init."""
 
+import dataclasses
+
 import pytest
 import sam3.model.decoder
 import sam3.model.position_encoding
@@ -233,3 +235,55 @@ def test_sam3_score_loss_f1_is_torchmetrics_f1_without_host_reads():
         torch.testing.assert_close(got, expected)
         assert counter.total == 0, counter.syncs
     assert binary_f1 is sam3.train.loss.loss_fns.torchmetrics.functional.f1_score
+
+
+def test_sam3_giou_without_prod_has_the_same_values_and_gradients_without_host_reads():
+    """compat patch 6: the GIoU of sam3's box loss equals sam3's batched GIoU (values and gradients), and
+    neither its forward nor its backward reads the device."""
+    from sam3.model import box_ops
+
+    from sambridge.profiling import HostSyncCounter
+
+    generator = torch.Generator().manual_seed(0)
+    boxes = torch.rand(2, 32, 4, generator=generator)
+    boxes[..., 2:] += boxes[..., :2]
+    boxes[1, 0] = boxes[0, 0]  # identical boxes: GIoU 1
+    boxes[1, 1, :2], boxes[1, 1, 2:] = boxes[0, 1, 2:] + 0.1, boxes[0, 1, 2:] + 0.2  # disjoint: negative GIoU
+    apply_sam3_compat()
+    results = []
+    for patched in (False, True):
+        first, second = boxes[0].clone().requires_grad_(), boxes[1].clone().requires_grad_()
+        with HostSyncCounter() as counter:
+            if patched:
+                value = box_ops.fast_diag_generalized_box_iou(first, second)
+            else:
+                value = box_ops.generalized_box_iou(first, second).diagonal()
+            value.sum().backward()
+        results.append((value.detach(), first.grad, second.grad, counter.total))
+    for expected, got in zip(results[0][:3], results[1][:3], strict=True):
+        torch.testing.assert_close(got, expected)
+    assert results[1][0][0] == 1 and results[1][0][1] < 0
+    assert results[1][3] == 0, "the patched GIoU reads the device"
+    with pytest.raises(ValueError, match="as many boxes"):
+        box_ops.fast_diag_generalized_box_iou(boxes[0], boxes[1, :3])
+
+
+def test_a_training_step_reads_the_device_a_handful_of_times(make_batch):
+    """Forward, matching, loss and backward of the tiny model: the reads left are the Hungarian matcher's
+    one copy per call (final + auxiliary layers in the forward, auxiliary one-to-many layers in the loss),
+    the one-to-many matcher's top-k (``quantile``, ``nonzero``). Before sam3's decoder was told its feature
+    size, its GIoU lost ``prod`` and its mask loss its boolean filter, the same step made 44."""
+    from sambridge.losses.grounding import GroundingLoss, GroundingLossWeights
+    from sambridge.models import create_model
+    from sambridge.profiling import HostSyncCounter
+
+    torch.manual_seed(0)
+    model = create_model("grounded_sam2_tiny").train()
+    batch = dataclasses.replace(make_batch(), max_instances=2)  # as the collate function sets it
+    assert int(batch.num_instances.max()) == batch.max_instances
+    loss_fn = GroundingLoss(GroundingLossWeights(score_target="binary"))
+    loss_fn(model(batch.images, batch.phrases, batch.query_image, targets=batch), batch)["loss"].backward()
+    with HostSyncCounter() as counter:
+        loss = loss_fn(model(batch.images, batch.phrases, batch.query_image, targets=batch), batch)["loss"]
+        loss.backward()
+    assert counter.total <= 4, counter.syncs

@@ -2,7 +2,7 @@
 
 sam3 0.1.4 assumes a CUDA device in four places. Each patch 1-4 changes behaviour only where that
 assumption fails (no CUDA device, or CPU tensors), except 3's empty-box shortcut, which gives the
-same result everywhere; 5 gives the same values without host reads. Upstream fixed the first three
+same result everywhere; 5 and 6 give the same values without host reads. Upstream fixed the first three
 after 0.1.4; drop those when the pin moves past it.
 
 1. ``PositionEmbeddingSine(precompute_resolution=...)`` fills its cache with tensors created on
@@ -17,6 +17,10 @@ after 0.1.4; drop those when the pin moves past it.
 5. sam3's score loss logs a ``ce_f1`` metric through ``torchmetrics.functional.f1_score`` on every
    call, whose argument checks read the device 8 times a training step. The loss module sees a
    binary F1 of the same value (threshold 0.5, 0 when undefined) computed on the device instead.
+6. sam3's box loss takes GIoU from ``box_ops.fast_diag_generalized_box_iou`` (TorchScript), whose
+   areas are ``torch.prod`` over (w, h): prod's backward checks its input for zeros on the host,
+   15 device reads a training step. The same function with ``w * h`` gives the same values and
+   gradients without them.
 
 Patches 1-2 only matter for ``sam3.model_builder``'s factories (sambridge's own head builder
 never passes those arguments). ``apply_sam3_compat()`` is idempotent and cheap; builders that
@@ -116,8 +120,31 @@ def _sync_free_f1(module) -> None:
     module.torchmetrics = _mark(types.SimpleNamespace(functional=types.SimpleNamespace(f1_score=binary_f1)))
 
 
+def _area(sides: torch.Tensor) -> torch.Tensor:
+    return sides[..., 0] * sides[..., 1]
+
+
+def diag_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """sam3's ``fast_diag_generalized_box_iou`` (GIoU of matching rows of two (N, 4) xyxy box sets) with
+    areas as ``w * h`` instead of ``prod``, whose backward reads the device."""
+    if len(boxes1) != len(boxes2):
+        raise ValueError(f"need as many boxes in both sets, got {len(boxes1)} and {len(boxes2)}")
+    lo1, hi1, lo2, hi2 = boxes1[:, :2], boxes1[:, 2:], boxes2[:, :2], boxes2[:, 2:]
+    inter = _area((torch.min(hi1, hi2) - torch.max(lo1, lo2)).clamp(min=0))
+    hull = _area((torch.max(hi1, hi2) - torch.min(lo1, lo2)).clamp(min=0))
+    union = _area(hi1 - lo1) + _area(hi2 - lo2) - inter
+    return inter / union - (hull - union) / hull
+
+
+def _sync_free_giou(box_ops) -> None:
+    if _is_patched(box_ops.fast_diag_generalized_box_iou):
+        return
+    box_ops.fast_diag_generalized_box_iou = _mark(diag_generalized_box_iou)
+
+
 def apply_sam3_compat() -> None:
-    """Install the five patches described in the module docstring (idempotent)."""
+    """Install the six patches described in the module docstring (idempotent)."""
+    import sam3.model.box_ops as box_ops
     import sam3.model.decoder as decoder
     import sam3.model.geometry_encoders as geometry_encoders
     import sam3.model.position_encoding as position_encoding
@@ -128,3 +155,4 @@ def apply_sam3_compat() -> None:
     _skip_pin_memory_without_cuda(geometry_encoders.SequenceGeometryEncoder, "_encode_boxes")
     _focal_loss_triton_on_cuda_only(loss_fns)
     _sync_free_f1(loss_fns)
+    _sync_free_giou(box_ops)

@@ -84,6 +84,29 @@ class BinaryTargetIABCE(loss_fns.IABCEMdetr):
         return super().get_loss({**outputs, "pred_boxes_xyxy": boxes}, targets, indices, num_boxes)
 
 
+class _EveryMaskValid:
+    """Stands in for sam3's boolean ``is_valid_mask``: indexed by the matched targets it gives ``slice(None)``."""
+
+    def __getitem__(self, index) -> slice:
+        return slice(None)
+
+
+class AllValidMasks(loss_fns.Masks):
+    """sam3's ``Masks`` loss (focal + dice on the matched masks) for targets whose masks are all valid.
+
+    sam3 drops invalid masks with a boolean index (``masks[keep]``): a data-dependent ``nonzero``, one
+    device read per call forward and one backward. ``to_sam3_targets`` marks every mask valid, so the
+    filter keeps everything: it becomes ``masks[:]`` here, and the values are sam3's.
+    """
+
+    def get_loss(self, outputs, targets, indices, num_boxes):
+        rows, queries, target_index = indices
+        if target_index is None:  # targets in packed order: pair i is target i
+            target_index = torch.arange(len(rows), device=rows.device)
+        return super().get_loss(outputs, {**targets, "is_valid_mask": _EveryMaskValid()},
+                                (rows, queries, target_index), num_boxes)
+
+
 @dataclass
 class GroundingLossWeights:
     """The weights and targets of ``GroundingLoss``: SAM3's detector recipe and SAM2's mask-decoder
@@ -105,6 +128,10 @@ class GroundingLossWeights:
             ``score^alpha * IoU^(1-alpha)``, whose fixed point is the box IoU) or ``binary`` (1: the
             score becomes the probability that the detection is right, so a right detection with an
             imperfect box still passes SAM3's 0.5 threshold).
+        score_absent: Also train every query score of an exhaustive prompt without instances towards 0
+            (SAM3 leaves them to the presence head alone): each query then learns whether *its*
+            object matches the phrase, and a detection's score (query × presence) has two chances
+            to reject an absent phrase.
         mask_stride: Compare the head's matched masks with the ground truth at this stride of the
             input canvas (1 = full resolution: the stride-4 logits are upsampled bilinearly first,
             as at inference, so boundaries are learnt below the head's own resolution); ``None``
@@ -126,6 +153,7 @@ class GroundingLossWeights:
     refine_object_score: float = 1.0
     o2m: float = 2.0
     score_target: Literal["iou", "binary"] = "iou"
+    score_absent: bool = False
     mask_stride: int | None = None
     semantic_bce: float = 0.0
     semantic_dice: float = 0.0
@@ -194,10 +222,10 @@ class GroundingLoss(nn.Module):
                     weak_loss=True,
                     alpha=score_alpha,
                     gamma=score_gamma,
-                    use_presence=True,
+                    use_presence=not w.score_absent,  # sam3: prompts without instances train presence only
                     pos_focal=False,
                 ),
-                loss_fns.Masks(
+                AllValidMasks(
                     weight_dict={"loss_mask": w.mask_focal, "loss_dice": w.mask_dice},
                     focal_alpha=mask_focal_alpha,
                     focal_gamma=mask_focal_gamma,

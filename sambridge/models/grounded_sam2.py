@@ -84,6 +84,10 @@ class GroundedSAM2(nn.Module):
             SAM2's multiples of 32).
         pixel_mean: Input normalisation mean (default: the vision backbone's ``pixel_mean``).
         pixel_std: Input normalisation std (default: the vision backbone's ``pixel_std``).
+
+    Attributes:
+        train_refinement: Whether a forward with targets runs SAM2's decoder on the matched boxes
+            (``GroundingModule`` turns it off when every ``refine_*`` loss weight is 0).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class GroundedSAM2(nn.Module):
         self.matcher = matcher if matcher is not None else hungarian_matcher()
         self.image_size = image_size
         self.refine_multimask_output = refine_multimask_output
+        self.train_refinement = True
         vision = detector.backbone.vision_backbone
         mean = vision.pixel_mean if pixel_mean is None else pixel_mean
         std = vision.pixel_std if pixel_std is None else pixel_std
@@ -164,12 +169,11 @@ class GroundedSAM2(nn.Module):
         if len(phrases) == 0:
             raise ValueError("no phrases given")
         in_range = (query_image >= 0).all() & (query_image < images.shape[0]).all()
-        if query_image.device.type != "cpu":  # checked on the device: no wait for the host in every step
-            torch._assert_async(in_range, f"query_image values must index the {images.shape[0]} images")
-        elif not in_range:
-            raise ValueError(
-                f"query_image values must index the {images.shape[0]} images, got {query_image.tolist()}"
-            )
+        message = f"query_image values must index the {images.shape[0]} images"
+        try:  # on a GPU checked on the device: no wait for the host in every step; on a CPU it raises here
+            torch._assert_async(in_range, message)
+        except RuntimeError:
+            raise ValueError(f"{message}, got {query_image.tolist()}") from None
 
     # ------------------------------------------------------------------ forward
     def encode_images(self, images: Tensor) -> dict:
@@ -226,7 +230,7 @@ class GroundedSAM2(nn.Module):
             query_image: (Q,) long, the image of each phrase.
             targets: The batch's ground truth; when given, the outputs also carry the matching
                 (``indices``, also in each ``aux_outputs``) and the SAM2 refinement of the matched
-                boxes (``refine``), which ``GroundingLoss`` needs.
+                boxes (``refine``, unless ``train_refinement`` is off), which ``GroundingLoss`` needs.
 
         Returns:
             sam3's output dict: ``pred_logits`` (Q, K, 1), ``pred_boxes`` (Q, K, 4) normalised
@@ -240,7 +244,7 @@ class GroundedSAM2(nn.Module):
         out["input_hw"] = tuple(images.shape[-2:])
         if targets is not None:
             self.match(out, targets)
-            if self.prompt_decoder is not None:
+            if self.prompt_decoder is not None and self.train_refinement:
                 out["refine"] = self._refine_matched(out)
         return out
 

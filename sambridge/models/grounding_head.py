@@ -141,7 +141,7 @@ def build_transformer(cfg: HeadConfig) -> nn.Module:
         n_heads=cfg.num_heads,
         use_text_cross_attention=True,
     )
-    decoder = TransformerDecoder(
+    decoder = HostSizeDecoder(
         layer=decoder_layer,
         num_layers=cfg.decoder_layers,
         num_queries=cfg.num_queries,
@@ -163,6 +163,21 @@ def build_transformer(cfg: HeadConfig) -> nn.Module:
     return transformer
 
 
+class HostSizeDecoder(TransformerDecoder):
+    """sam3's ``TransformerDecoder``, told its feature size as Python ints.
+
+    sam3 hands the box-relative position bias of every layer the feature size as two 0-d device
+    tensors (``spatial_shapes[0, 0]``, ``spatial_shapes[0, 1]``) and compares and asserts on them:
+    seven device reads per layer and step. ``GroundingDetector`` sets ``feat_size`` from the
+    backbone's feature shape before every call, so the same code reads nothing.
+    """
+
+    feat_size: tuple[int, int] | None = None
+
+    def _get_rpb_matrix(self, reference_boxes: Tensor, feat_size) -> Tensor:
+        return super()._get_rpb_matrix(reference_boxes, feat_size if self.feat_size is None else self.feat_size)
+
+
 class QuerySelection(nn.Module):
     """Encoder proposals for two-stage query selection (Deformable DETR's ``two_stage``, DINO's
     mixed query selection: positions from the encoder, content queries stay learned).
@@ -182,10 +197,10 @@ class QuerySelection(nn.Module):
         nn.init.zeros_(self.box.layers[-1].weight)
         nn.init.zeros_(self.box.layers[-1].bias)
 
-    def forward(self, memory: Tensor, spatial_shapes: Tensor, prompt: Tensor, prompt_mask: Tensor,
+    def forward(self, memory: Tensor, feat_size: tuple[int, int], prompt: Tensor, prompt_mask: Tensor,
                 padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(HW, B, d) tokens of one (H, W) level -> scores (B, HW, 1) and cxcywh boxes (B, HW, 4)."""
-        height, width = (int(v) for v in spatial_shapes[0])
+        height, width = feat_size
         feats = self.norm(memory.transpose(0, 1))
         scores = self.scoring(feats[None], prompt, prompt_mask)[0]
         if padding_mask is not None:
@@ -285,6 +300,8 @@ class GroundingDetector(Sam3Image):
         """sam3's decoder, with reference boxes from ``transformer.query_selection`` when the head has
         it, and the one-to-many queries as the outputs at inference when ``one_to_many_outputs``."""
         decoder = self.transformer.decoder
+        feat_size = tuple(int(v) for v in encoder_out["vis_feat_sizes"][0])  # a torch.Size: no device read
+        decoder.feat_size = feat_size
         selection = getattr(self.transformer, "query_selection", None)
         o2m_inference = self.one_to_many_outputs and decoder.dac and not self.training
         if selection is None and not o2m_inference:
@@ -292,7 +309,7 @@ class GroundingDetector(Sam3Image):
         bs = memory.shape[1]
         reference = None
         if selection is not None:
-            enc_scores, enc_boxes = selection(memory, encoder_out["spatial_shapes"], prompt, prompt_mask, src_mask)
+            enc_scores, enc_boxes = selection(memory, feat_size, prompt, prompt_mask, src_mask)
             top = enc_scores[..., 0].topk(decoder.num_queries, dim=1).indices  # (B, K)
             reference = enc_boxes.gather(1, top[..., None].expand(-1, -1, 4)).detach().transpose(0, 1)
         tgt = decoder.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
@@ -312,10 +329,9 @@ class GroundingDetector(Sam3Image):
         self._update_scores_and_boxes(out, hs, reference_boxes, prompt, prompt_mask,
                                       dec_presence_out=None if presence_out is None else presence_out.transpose(1, 2))
         if selection is not None and self.training:  # the proposals are one more auxiliary output
-            grid = tuple(int(v) for v in encoder_out["spatial_shapes"][0])
             out.setdefault("aux_outputs", []).append(
                 {"pred_logits": enc_scores, "pred_boxes": enc_boxes, "pred_boxes_xyxy": box_cxcywh_to_xyxy(enc_boxes),
-                 "proposal_grid": grid, "proposal_assignment": selection.assignment})
+                 "proposal_grid": feat_size, "proposal_assignment": selection.assignment})
         return out, hs
 
 

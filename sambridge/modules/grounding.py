@@ -93,6 +93,10 @@ class GroundingModule(BaseTask):
 
     monitor = "val_cgF1"
     mode = "max"
+    loss_on_progress_bar: bool | None = None
+    """Show the training loss on the progress bar (``None``: on a CPU only). Lightning reads progress-bar
+    metrics off the device after every batch, so on a GPU the host would wait for every step to finish
+    before queueing the next; the logger still gets the loss every ``log_every_n_steps``."""
 
     def __init__(self, model: str = "grounded_sam2_tiny", model_args: dict[str, Any] | None = None,
                  sam2_checkpoint: str | None = None, sam3_checkpoint: str | None = None,
@@ -118,6 +122,8 @@ class GroundingModule(BaseTask):
 
     def configure_losses(self) -> None:
         self.loss_fn = GroundingLoss(config_arg(self.hparams.loss, GroundingLossWeights))
+        # SAM2's refinement pass costs a mask-decoder run per matched box: skip it when nothing learns from it
+        self.model.train_refinement = any(weight > 0 for weight in self.loss_fn.refine_weights.values())
 
     def configure_metrics(self) -> None:
         self.val_metrics = ConceptSegmentationMetrics(prefix="val_")
@@ -137,7 +143,9 @@ class GroundingModule(BaseTask):
         losses = self.loss_fn(outputs, batch)
         train = stage == "train"
         log = {"batch_size": batch.num_images, "on_step": train, "on_epoch": not train, "sync_dist": not train}
-        self.log(f"{stage}_loss", losses["loss"], prog_bar=True, **log)
+        on_bar = not train or (self.device.type == "cpu" if self.loss_on_progress_bar is None
+                               else self.loss_on_progress_bar)
+        self.log(f"{stage}_loss", losses["loss"], prog_bar=on_bar, **log)
         self.log_dict({f"{stage}_{name}": value for name, value in losses.items()
                        if name != "loss" and "_aux_" not in name}, **log)
         if train:
