@@ -308,3 +308,32 @@ def test_the_training_loss_is_on_the_progress_bar_only_where_reading_it_is_free(
     trainer.fit(module, torch.utils.data.DataLoader([make_batch()], batch_size=None))
     assert ("train_loss" in trainer.progress_bar_metrics) is (on_bar is None)
     assert "train_loss" in trainer.callback_metrics
+
+
+def test_auxiliary_one_to_many_layers_are_matched_in_one_read_with_sam3s_results(make_batch):
+    """Four decoder layers: sam3 would match the three auxiliary one-to-many outputs one call (one device
+    read) each; the loss matches them together and gets sam3's terms exactly."""
+    import dataclasses
+
+    from sambridge.losses.grounding import _without_presence
+    from sambridge.models import create_model
+    from sambridge.models.matching import to_sam3_targets
+    from sambridge.profiling import HostSyncCounter
+
+    torch.manual_seed(0)
+    model = create_model("grounded_sam2_tiny", head={"decoder_layers": 4}).train()
+    batch = dataclasses.replace(make_batch(), max_instances=2)
+    out = model(batch.images, batch.phrases, batch.query_image, targets=batch)
+    assert sum("pred_logits_o2m" in aux for aux in out["aux_outputs"]) == 3
+    loss = GroundingLoss()
+    matcher = loss.detector_loss.matcher
+    targets = to_sam3_targets(batch, mask_size=tuple(out["pred_masks"].shape[-2:]))
+    with HostSyncCounter() as sam3_way:
+        expected = loss.detector_loss.compute_loss(_without_presence(out), targets)
+    with HostSyncCounter() as ours:
+        got = loss._sam3_loss(_without_presence(out), targets)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, msg=name)
+    assert sam3_way.syncs.get("cpu", 0) - ours.syncs.get("cpu", 0) == 2, (sam3_way.syncs, ours.syncs)
+    assert loss.detector_loss.matcher is matcher  # put back

@@ -84,6 +84,17 @@ class BinaryTargetIABCE(loss_fns.IABCEMdetr):
         return super().get_loss({**outputs, "pred_boxes_xyxy": boxes}, targets, indices, num_boxes)
 
 
+class _InOrder(nn.Module):
+    """A stand-in matcher that returns precomputed matchings, one per call, in order."""
+
+    def __init__(self, matchings: list) -> None:
+        super().__init__()
+        self.matchings = iter(matchings)
+
+    def forward(self, *args, **kwargs):
+        return next(self.matchings)
+
+
 class _EveryMaskValid:
     """Stands in for sam3's boolean ``is_valid_mask``: indexed by the matched targets it gives ``slice(None)``."""
 
@@ -264,7 +275,7 @@ class GroundingLoss(nn.Module):
             mask_size = tuple(max(1, side // self.mask_stride) for side in batch.images.shape[-2:])
         targets = to_sam3_targets(batch, mask_size=mask_size, device=device)
         self.detector_loss.normalization = "global" if _distributed() else "local"
-        sam3_terms = self.detector_loss.compute_loss(_without_presence(outputs), targets)
+        sam3_terms = self._sam3_loss(_without_presence(outputs), targets)
         total = sam3_terms.pop(loss_fns.CORE_LOSS_KEY)
         terms = {k: v for k, v in sam3_terms.items() if not k.startswith(_METRIC_PREFIXES)}
         aux = [(f"_aux_{i}", out) for i, out in enumerate(outputs.get("aux_outputs", []))]
@@ -281,6 +292,24 @@ class GroundingLoss(nn.Module):
             terms.update(refine_terms)
             total = total + sum(self.refine_weights[k] * v for k, v in refine_terms.items())
         return {"loss": total, **terms}
+
+    def _sam3_loss(self, outputs: dict, targets: dict) -> dict[str, Tensor]:
+        """sam3's loss with the auxiliary one-to-many outputs matched up front, all in one device read.
+
+        sam3 matches each auxiliary layer's one-to-many queries with its one-to-one matcher, one call
+        (and one device read) per layer; ``match_many`` does them together and sam3 is handed the
+        results in the order it asks for them.
+        """
+        wrapper = self.detector_loss
+        aux = [{k[: -len("_o2m")]: v for k, v in out.items() if k.endswith("_o2m")}
+               for out in outputs.get("aux_outputs", []) if "pred_logits_o2m" in out]
+        if len(aux) < 2:
+            return wrapper.compute_loss(outputs, targets)
+        matcher, wrapper.matcher = wrapper.matcher, _InOrder(wrapper.matcher.match_many(aux, targets))
+        try:
+            return wrapper.compute_loss(outputs, targets)
+        finally:
+            wrapper.matcher = matcher
 
     def _presence(self, logits: Tensor, targets: dict) -> Tensor:
         """Focal presence loss over queries whose presence is known (positive, or exhaustive negative)."""
