@@ -303,8 +303,6 @@ class GroundingLoss(nn.Module):
         wrapper = self.detector_loss
         aux = [{k[: -len("_o2m")]: v for k, v in out.items() if k.endswith("_o2m")}
                for out in outputs.get("aux_outputs", []) if "pred_logits_o2m" in out]
-        if len(aux) < 2:
-            return wrapper.compute_loss(outputs, targets)
         matcher, wrapper.matcher = wrapper.matcher, _InOrder(wrapper.matcher.match_many(aux, targets))
         try:
             return wrapper.compute_loss(outputs, targets)
