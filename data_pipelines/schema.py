@@ -23,7 +23,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,6 +239,14 @@ def check_header(meta: Any, fail: Callable[[str, str], None]) -> None:
         fail(f"schema version {meta.get('schema')!r} is not {SCHEMA_VERSION}", "schema")
 
 
+def check_positive_ints(record: dict, names: Sequence[str], prefix: str, fail: Callable[[str, str], None]) -> None:
+    """Each of ``record[name]`` must be a positive int (not a bool); ``fail(message, "prefix.name")`` otherwise."""
+    for name in names:
+        value = record.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            fail(f"must be a positive integer, got {value!r}", f"{prefix}.{name}")
+
+
 def validate_meta(meta: Any, *, key: str | None = None, source: str | None = None,
                   image_size: tuple[int, int] | None = None) -> None:
     """Check a sample's ``json`` against the schema; raise :class:`SampleError` naming the field.
@@ -256,10 +264,8 @@ def validate_meta(meta: Any, *, key: str | None = None, source: str | None = Non
     image = meta.get("image")
     if not isinstance(image, dict):
         fail("missing or not an object", "image")
-    width, height = image.get("width"), image.get("height")
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            fail(f"must be a positive integer, got {value!r}", f"image.{name}")
+    check_positive_ints(image, ("width", "height"), "image", fail)
+    width, height = image["width"], image["height"]
     file_name = image.get("file_name")
     if file_name is not None and not (isinstance(file_name, str) and file_name.strip()):
         fail(f"must be a non-empty string (the source image's path) when given, got {file_name!r}",

@@ -41,6 +41,7 @@ from data_pipelines.schema import (
     SCHEMA_VERSION,
     SampleError,
     check_header,
+    check_positive_ints,
     checked_image_size,
     checked_rle,
     encode_mask,
@@ -151,10 +152,7 @@ def validate_clip_meta(meta: Any, *, key: str | None = None, source: str | None 
     info = meta.get("clip")
     if not isinstance(info, dict):
         fail("missing or not an object (an image sample, not a clip?)", "clip")
-    for name in ("width", "height", "num_frames"):
-        value = info.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            fail(f"must be a positive integer, got {value!r}", f"clip.{name}")
+    check_positive_ints(info, ("width", "height", "num_frames"), "clip", fail)
     width, height, length = info["width"], info["height"], info["num_frames"]
     fps = info.get("fps")
     if fps is not None and not (isinstance(fps, int | float) and not isinstance(fps, bool)

@@ -6,8 +6,10 @@ the models take seconds to import, which the tool commands and ``sambridge --hel
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -49,7 +51,9 @@ class SambridgeCLI(LightningCLI):
     trainer was given another writer); ``--ckpt_path auto`` resumes from the newest complete
     checkpoint of the run (under ``trainer.default_root_dir`` or a checkpoint callback's
     ``dirpath``), skipping truncated ones with a warning, and ``fit`` under SLURM does so by
-    default; an explicit ``--ckpt_path`` is checked before Lightning unpickles it.
+    default; an explicit ``--ckpt_path`` is checked before Lightning unpickles it. Given a checkpoint,
+    Lightning rebuilds the task from the arguments it recorded, whatever the command says; the
+    inference settings the command sets by flag (``--model.init_args.prediction[.FIELD]``) still apply.
     """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
@@ -66,12 +70,28 @@ class SambridgeCLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser, args) -> None:  # noqa: D102
+        self._argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         requested = self.config[subcommand].get("ckpt_path") if subcommand else None
         if requested is not None and str(requested) not in (AUTO, *LIGHTNING_CKPT_ALIASES) and \
                 "://" not in str(requested):
             check_checkpoint(requested)  # before Lightning unpickles it for its hyper-parameters
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's hook that replaces the model's arguments with the checkpoint's
+        subcommand = self.config.get("subcommand")
+        fields = flagged_fields(self._argv, PREDICTION_FLAGS)
+        if not subcommand or not fields:
+            return super()._parse_ckpt_path()
+        asked = self.config[subcommand].model.init_args.prediction
+        super()._parse_ckpt_path()
+        model = self.config[subcommand].model.init_args
+        if model.get("prediction") is None or fields == {ALL_FIELDS}:
+            model.prediction = asked
+            return
+        for name in fields:
+            model.prediction[name] = asked[name]
 
     def instantiate_trainer(self, **kwargs) -> Trainer:  # noqa: D102
         trainer = super().instantiate_trainer(**kwargs)
@@ -124,6 +144,26 @@ class SambridgeCLI(LightningCLI):
                 f"resuming from {found} (step {checkpoint_step(found)}, the furthest complete one)" if found
                 else "no checkpoint in the run directory, starting afresh"))
             config["ckpt_path"] = None if found is None else str(found)
+
+
+PREDICTION_FLAGS = ("--model.init_args.prediction", "--model.prediction")
+"""Flags of the task's inference settings, which a command may change on a trained checkpoint."""
+
+ALL_FIELDS = "*"
+
+
+def flagged_fields(argv: Sequence[str], prefixes: Sequence[str]) -> set[str]:
+    """Fields of a dataclass argument set by flags: ``--PREFIX.FIELD[=V]`` gives FIELD, ``--PREFIX[=V]``
+    ``ALL_FIELDS``."""
+    fields = set()
+    for arg in argv:
+        name = str(arg).split("=", 1)[0]
+        for prefix in prefixes:
+            if name == prefix:
+                fields.add(ALL_FIELDS)
+            elif name.startswith(prefix + "."):
+                fields.add(name[len(prefix) + 1:])
+    return fields
 
 
 def run_directories(trainer: Trainer) -> list[Path]:

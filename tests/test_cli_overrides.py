@@ -100,3 +100,15 @@ def test_fit_with_overrides_from_yaml_and_flags_records_them(tmp_path: Path) -> 
     reloaded = GroundingModule.load_from_checkpoint(sorted(out.rglob("*.ckpt"))[-1], map_location="cpu",
                                                     weights_only=True)
     assert reloaded.loss_fn.presence_weight == 3.5 and reloaded.predict_settings.top_k == 7
+    # on a checkpoint Lightning rebuilds the task from what it recorded; a prediction flag still applies
+    tested = lightning_cli(["test", "--config", str(DEMO), "--trainer.logger", "false",
+                            "--data.init_args.test", str(shards / "val"), "--data.init_args.image_size", "64",
+                            "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+                            "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+                            "--trainer.default_root_dir", str(out),
+                            f"--trainer.callbacks.dirpath={out / 'checkpoints'}",
+                            "--ckpt_path", str(sorted(out.rglob("*.ckpt"))[-1]),
+                            "--model.init_args.prediction.score", "match_x_presence"])
+    assert tested.model.predict_settings.top_k == 7  # the checkpoint's
+    assert tested.model.loss_fn.presence_weight == 3.5
+    assert tested.model.model.detection_score == "match_x_presence"  # the flag's (the demo's default: match)

@@ -22,7 +22,7 @@ from sambridge.models.checkpoint_io import CheckpointError
 from sambridge.models.lora import has_lora
 from sambridge.models.standalone import STUDENT_FORMAT, read_student
 from sambridge.modules import DistillModule, GroundingModule
-from sambridge.modules.checkpoint import read_lightning_checkpoint
+from sambridge.modules.checkpoint import model_from_checkpoint, read_lightning_checkpoint
 
 
 def fit_one_step(module: pl.LightningModule, batch: GroundingBatch, path: Path,
@@ -149,7 +149,8 @@ def test_torch_save_student_file_is_plain_tensors_and_strings(distill_run, tmp_p
 
 def test_lora_checkpoint_exports_a_merged_plain_model_or_its_adapters(grounding_batch, tmp_path, capsys):
     torch.manual_seed(0)
-    module = GroundingModule(model="grounded_sam2_tiny", finetune="lora", image_size=96)
+    module = GroundingModule(model="grounded_sam2_tiny", finetune="lora", image_size=96,
+                             loss={"score_absent": True})  # as LightningCLI passes it: scores are the match alone
 
     @torch.no_grad()
     def make_adapters_matter(trained: GroundingModule) -> None:  # one warm-up step barely moves them
@@ -159,7 +160,8 @@ def test_lora_checkpoint_exports_a_merged_plain_model_or_its_adapters(grounding_
 
     checkpoint = fit_one_step(module, grounding_batch, tmp_path / "lora.ckpt", before_save=make_adapters_matter)
     student = load_student(export_student(checkpoint, tmp_path / "student.safetensors"))
-    assert not has_lora(student) and student.image_size == 96
+    assert not has_lora(student) and student.image_size == 96 and student.detection_score == "match"
+    assert model_from_checkpoint(checkpoint)[0].detection_score == "match"
     expected, got = predict(module.model, grounding_batch), predict(student, grounding_batch)
     for name in ("pred_logits", "pred_boxes", "pred_masks", "presence"):
         assert torch.allclose(expected[name], got[name], atol=1e-4), name

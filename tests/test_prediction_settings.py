@@ -51,3 +51,32 @@ def test_component_outputs_come_from_the_semantic_mask():
     assert GroundingModule(model="grounded_sam2_tiny").model.instances == "queries"
     with pytest.raises(ValueError, match="one_to_one, one_to_many or components"):
         PredictSettings(outputs="blobs")
+
+
+def test_detection_score_is_the_match_alone_when_absent_phrases_trained_it(grounding_batch, tmp_path):
+    import pytest
+    import torch
+
+    from sambridge.losses import GroundingLossWeights
+    from sambridge.models import load_student
+    from sambridge.models.standalone import save_student
+
+    sam3 = GroundingModule(model="grounded_sam2_tiny")
+    absent = GroundingModule(model="grounded_sam2_tiny", loss=GroundingLossWeights(score_absent=True))
+    forced = GroundingModule(model="grounded_sam2_tiny", loss={"score_absent": True},
+                             prediction={"score": "match_x_presence"})
+    assert sam3.model.detection_score == "match_x_presence" and absent.model.detection_score == "match"
+    assert forced.model.detection_score == "match_x_presence"
+    with pytest.raises(ValueError, match="prediction.score must be one of"):
+        PredictSettings(score="presence")
+    model, b = absent.model.eval(), grounding_batch
+    with torch.no_grad():
+        out = model(b.images, b.phrases, b.query_image)
+    match = out["pred_logits"][..., 0].sigmoid()
+    torch.testing.assert_close(model.scores(out), match)
+    torch.testing.assert_close(sam3.model.scores(out), match * out["presence_logit_dec"].sigmoid())
+    assert not torch.allclose(model.scores(out), sam3.model.scores(out))
+    kept = model.postprocess(out, score_threshold=0.0)["scores"]
+    torch.testing.assert_close(kept, match.sort(dim=1, descending=True).values[:, :kept.shape[1]])
+    save_student(model, "grounded_sam2_tiny", {}, tmp_path / "student.safetensors")
+    assert load_student(tmp_path / "student.safetensors").detection_score == "match"

@@ -7,7 +7,7 @@ package is imported.
 
 from sambridge.models import variants
 from sambridge.models.checkpoint_io import CheckpointError
-from sambridge.models.grounded_sam2 import GroundedSAM2
+from sambridge.models.grounded_sam2 import DETECTION_SCORES, GroundedSAM2
 from sambridge.models.grounding_head import SAM3_HEAD, TINY_HEAD, HeadConfig
 from sambridge.models.lora import (
     LoraSettings,
@@ -24,6 +24,7 @@ from sambridge.models.variants import build_grounded_sam2
 from sambridge.models.vision import Sam2VisionAdapter, VisionAdapter
 
 __all__ = [
+    "DETECTION_SCORES",
     "SAM3_HEAD",
     "TINY_HEAD",
     "CheckpointError",

@@ -13,7 +13,7 @@ with shapes fixed by (B, P, K) and, compiled, no value read back to the host
 (``sambridge.profiling.HostSyncCounter`` counts none, a test checks): what
 ``torch.compile(mode="reduce-overhead")`` needs to replay the whole call as one CUDA graph and what
 ONNX export traces. Build it on the device it runs on. Detections are the top K decoder queries per
-(image, phrase) by score (sigmoid(logit) x sigmoid(presence), as ``GroundedSAM2.postprocess``) with
+(image, phrase) by the model's detection score (``GroundedSAM2.scores``, as ``postprocess``) with
 the head's own mask logits (stride 4; the students' stride 8) or, with ``refine=True``, SAM2's decoder's
 for every top-K box in one batched call; thresholding and resizing are the caller's.
 """
@@ -96,7 +96,7 @@ class FixedVocabularyGrounder(nn.Module):
         text = {key: getattr(self, key) for key in TEXT_KEYS if hasattr(self, key)}
         out = self.model.ground_encoded(self.model.encode_images(images), text, query % phrases,
                                         torch.div(query, phrases, rounding_mode="floor"))
-        top = GroundedSAM2.scores(out).topk(self.top_k, dim=1)
+        top = self.model.scores(out).topk(self.top_k, dim=1)
         rows = torch.arange(len(query), device=images.device)[:, None]
         boxes = out["pred_boxes_xyxy"][rows, top.indices].clamp(0, 1)
         k = self.top_k

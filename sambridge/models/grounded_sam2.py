@@ -46,6 +46,9 @@ PARAMETER_GROUPS = ("backbone", "text", "head", "sam2_decoder", "adapters")
 INSTANCE_SOURCES = ("queries", "components")
 """Where ``GroundedSAM2.postprocess`` takes its detections from."""
 
+DETECTION_SCORES = ("match_x_presence", "match")
+"""How ``GroundedSAM2.scores`` forms a query's detection score."""
+
 ADAPTER_MARKER = "lora_"
 """Substring of every LoRA adapter parameter name (peft's naming)."""
 
@@ -80,6 +83,11 @@ class GroundedSAM2(nn.Module):
         instances: Where ``postprocess``'s detections come from when not told: ``"queries"`` (the
             DETR decoder's, as SAM3) or ``"components"`` (connected components of the phrase's
             semantic mask, scored by mean probability x presence; see ``models.components``).
+        detection_score: How a query's detection score is formed: ``"match_x_presence"`` (SAM3:
+            the match probability, trained on phrases with instances only, times the phrase's
+            presence) or ``"match"`` (the match probability alone, for a model whose query scores
+            were also trained on absent phrases, ``loss.score_absent``: it already is the
+            probability of a detection, and multiplying by presence would count presence twice).
         check_size: Raises ``ValueError`` for an image size the backbone cannot take (default:
             SAM2's multiples of 32).
         pixel_mean: Input normalisation mean (default: the vision backbone's ``pixel_mean``).
@@ -100,6 +108,7 @@ class GroundedSAM2(nn.Module):
         refine_masks: bool = True,
         nms_iou: float | None = None,
         instances: str = "queries",
+        detection_score: str = "match_x_presence",
         check_size: Callable[[int], None] = check_image_size,
         pixel_mean: Sequence[float] | None = None,
         pixel_std: Sequence[float] | None = None,
@@ -108,7 +117,10 @@ class GroundedSAM2(nn.Module):
         check_size(image_size)
         if instances not in INSTANCE_SOURCES:
             raise ValueError(f"instances must be one of {INSTANCE_SOURCES}, got {instances!r}")
+        if detection_score not in DETECTION_SCORES:
+            raise ValueError(f"detection_score must be one of {DETECTION_SCORES}, got {detection_score!r}")
         self.instances = instances
+        self.detection_score = detection_score
         self.refine_masks = refine_masks
         self.nms_iou = nms_iou
         self.detector = detector
@@ -284,10 +296,11 @@ class GroundedSAM2(nn.Module):
         }
 
     # ------------------------------------------------------------------ inference
-    @staticmethod
-    def scores(out: dict) -> Tensor:
-        """(Q, K) detection scores: sigmoid(logit) * sigmoid(presence), as SAM3."""
-        return out["pred_logits"][..., 0].sigmoid() * out["presence_logit_dec"].sigmoid()
+    def scores(self, out: dict) -> Tensor:
+        """(Q, K) detection scores: sigmoid(logit) * sigmoid(presence) as SAM3, or sigmoid(logit)
+        alone (``detection_score``)."""
+        match = out["pred_logits"][..., 0].sigmoid()
+        return match if self.detection_score == "match" else match * out["presence_logit_dec"].sigmoid()
 
     def _upsample_logits(self, logits: Tensor, out_hw: tuple[int, int]) -> Tensor:
         if logits.numel() == 0:

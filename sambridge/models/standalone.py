@@ -65,7 +65,8 @@ def save_student(model: nn.Module, name: str, model_args: dict[str, Any], path: 
     header = {"format": STUDENT_FORMAT, "model": name,
               "model_args": json.dumps(architecture_args(model_args), sort_keys=True),
               "refine_masks": json.dumps(bool(getattr(model, "refine_masks", True))),  # its validated mask source
-              "instances": getattr(model, "instances", "queries")}  # and detection source
+              "instances": getattr(model, "instances", "queries"),  # detection source
+              "detection_score": getattr(model, "detection_score", "match_x_presence")}  # and score
     if path.suffix == ".safetensors":
         return atomic_write(path, safetensors_bytes(state, metadata=header))
     return atomic_write(path, lambda file: torch.save({**header, "state_dict": state}, file))
@@ -114,4 +115,6 @@ def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") ->
         model.refine_masks = json.loads(header["refine_masks"])
     if "instances" in header and hasattr(model, "instances"):
         model.instances = header["instances"]
+    if "detection_score" in header and hasattr(model, "detection_score"):
+        model.detection_score = header["detection_score"]
     return model.eval().to(device)

@@ -126,9 +126,15 @@ def model_from_checkpoint(path: str | os.PathLike, merge: bool = True) -> tuple[
     load_state_dict_strict(model, model_state(checkpoint), f"checkpoint {path} ({MODEL_PREFIX}* entries)")
     if lora and merge:
         merge_lora(model)
-    if hasattr(model, "refine_masks"):  # the mask source, outputs and NMS the run validated with
-        apply_prediction_settings(model, hparams.get("sam2_checkpoint"), hparams.get("prediction"))
+    if hasattr(model, "refine_masks"):  # the mask source, outputs, NMS and score the run validated with
+        apply_prediction_settings(model, hparams.get("sam2_checkpoint"), hparams.get("prediction"),
+                                  score_absent=_trains_absent_scores(hparams.get("loss")))
     return model.eval(), name, model_args
+
+
+def _trains_absent_scores(loss: Any) -> bool:
+    """Whether a run's recorded loss settings (a dict or a dataclass, of any task) set ``score_absent``."""
+    return bool(loss.get("score_absent", False) if isinstance(loss, dict) else getattr(loss, "score_absent", False))
 
 
 def load_trained_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:

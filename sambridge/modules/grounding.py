@@ -11,7 +11,7 @@ from torch import nn
 from data_pipelines.batch import GroundingBatch
 from sambridge.losses import GroundingLoss, GroundingLossWeights
 from sambridge.metrics import ConceptSegmentationMetrics
-from sambridge.models import LoraSettings, apply_finetune_mode, create_model
+from sambridge.models import DETECTION_SCORES, LoraSettings, apply_finetune_mode, create_model
 from sambridge.modules.base import BaseTask, config_arg
 from sambridge.optim import OptimizerConfig
 
@@ -24,8 +24,8 @@ class PredictSettings:
 
     Args:
         top_k: keep at most this many detections per query.
-        score_threshold: keep detections scoring at least this (score = match x presence); the
-            metrics apply SAM3's own 0.5 threshold for cgF1 on top, mask AP sees all kept.
+        score_threshold: keep detections scoring at least this (see ``score``); the metrics apply
+            SAM3's own 0.5 threshold for cgF1 on top, mask AP sees all kept.
         refine: instance masks from SAM2's prompt encoder + mask decoder given the predicted boxes
             (``true``) or the grounding head's own stride-4 masks (``false``); ``null`` (default):
             SAM2's decoder when the run starts from a SAM2 checkpoint (its decoder is trained),
@@ -37,6 +37,11 @@ class PredictSettings:
             presence (needs ``loss.semantic_bce``/``semantic_dice``; touching instances merge).
         nms_iou: drop detections whose box overlaps a higher-scoring one of the same phrase by IoU
             above this (``null``: none); required with ``one_to_many`` outputs.
+        score: a detection's score: ``match_x_presence`` (SAM3: the query's match probability times
+            the phrase's presence) or ``match`` (the match probability alone); ``null`` (default):
+            ``match`` when the loss trains the query scores of absent phrases too
+            (``loss.score_absent``, which makes the match probability the detection's), else
+            ``match_x_presence``.
     """
 
     top_k: int = 20
@@ -44,8 +49,11 @@ class PredictSettings:
     refine: bool | None = None
     outputs: Literal["one_to_one", "one_to_many", "components"] = "one_to_one"
     nms_iou: float | None = None
+    score: Literal["match_x_presence", "match"] | None = None
 
     def __post_init__(self) -> None:
+        if self.score not in (None, *DETECTION_SCORES):
+            raise ValueError(f"prediction.score must be one of {DETECTION_SCORES} or null, got {self.score!r}")
         if self.outputs not in ("one_to_one", "one_to_many", "components"):
             raise ValueError("prediction.outputs must be one_to_one, one_to_many or components, "
                              f"got {self.outputs!r}")
@@ -61,13 +69,18 @@ def refine_by_default(sam2_checkpoint: str | None, prediction: PredictSettings |
 
 
 def apply_prediction_settings(model: nn.Module, sam2_checkpoint: str | None,
-                              prediction: PredictSettings | dict | None) -> None:
-    """Make ``model``'s inference defaults (mask source, outputs, NMS) those the run validates with."""
+                              prediction: PredictSettings | dict | None, score_absent: bool = False) -> None:
+    """Make ``model``'s inference defaults (mask source, outputs, NMS, score) those the run validates with.
+
+    ``score_absent``: whether the run's loss trained the query scores of absent phrases (``prediction.score``'s
+    default).
+    """
     settings = config_arg(prediction, PredictSettings)
     model.refine_masks = refine_by_default(sam2_checkpoint, settings)
     model.one_to_many_outputs = settings.outputs == "one_to_many"
     model.instances = "components" if settings.outputs == "components" else "queries"
     model.nms_iou = settings.nms_iou
+    model.detection_score = settings.score or ("match" if score_absent else "match_x_presence")
 
 
 class GroundingModule(BaseTask):
@@ -118,7 +131,8 @@ class GroundingModule(BaseTask):
         self.model = create_model(hp.model, **overrides)
         apply_finetune_mode(self.model, hp.finetune, lora=config_arg(hp.lora, LoraSettings))
         self.predict_settings = config_arg(hp.prediction, PredictSettings)
-        apply_prediction_settings(self.model, hp.sam2_checkpoint, self.predict_settings)
+        apply_prediction_settings(self.model, hp.sam2_checkpoint, self.predict_settings,
+                                  score_absent=config_arg(hp.loss, GroundingLossWeights).score_absent)
 
     def configure_losses(self) -> None:
         self.loss_fn = GroundingLoss(config_arg(self.hparams.loss, GroundingLossWeights))
