@@ -108,7 +108,7 @@ def test_fit_with_overrides_from_yaml_and_flags_records_them(tmp_path: Path) -> 
                             "--trainer.default_root_dir", str(out),
                             f"--trainer.callbacks.dirpath={out / 'checkpoints'}",
                             "--ckpt_path", str(sorted(out.rglob("*.ckpt"))[-1]),
-                            "--model.init_args.prediction.score", "match_x_presence"])
+                            "--model.init_args.prediction.score", "match"])
     assert tested.model.predict_settings.top_k == 7  # the checkpoint's
     assert tested.model.loss_fn.presence_weight == 3.5
-    assert tested.model.model.detection_score == "match_x_presence"  # the flag's (the demo's default: match)
+    assert tested.model.model.detection_score == "match"  # the flag's (the run's: match_x_presence)
