@@ -87,7 +87,7 @@ class SambridgeCLI(LightningCLI):
         asked = self.config[subcommand].model.init_args.prediction
         super()._parse_ckpt_path()
         model = self.config[subcommand].model.init_args
-        if model.get("prediction") is None or fields == {ALL_FIELDS}:
+        if model.get("prediction") is None or ALL_FIELDS in fields:  # the command's whole setting
             model.prediction = asked
             return
         for name in fields:
