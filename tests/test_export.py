@@ -147,6 +147,15 @@ def test_torch_save_student_file_is_plain_tensors_and_strings(distill_run, tmp_p
     assert all(isinstance(v, torch.Tensor) for v in blob["state_dict"].values())
 
 
+def test_a_student_file_with_an_unknown_scoring_is_refused_naming_the_field(distill_run, tmp_path):
+    out = export_student(distill_run[1], tmp_path / "student.pt")
+    blob = torch.load(out, weights_only=True)
+    blob["detection_score"] = "match_squared"
+    torch.save(blob, out)
+    with pytest.raises(CheckpointError, match=r"student\.pt: header field 'detection_score' is 'match_squared'"):
+        load_student(out)
+
+
 def test_lora_checkpoint_exports_a_merged_plain_model_or_its_adapters(grounding_batch, tmp_path, capsys):
     torch.manual_seed(0)
     module = GroundingModule(model="grounded_sam2_tiny", finetune="lora", image_size=96,

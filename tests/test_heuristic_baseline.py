@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+from script_loader import load_script
 
 from data_pipelines.atomic import write_json_atomic
 from data_pipelines.inspect import iter_samples
 from data_pipelines.synthetic import generate_synthetic
 from sambridge.evaluate import main as evaluate_main
 from sambridge.metrics.saco import ground_truth_from_samples
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "heuristic_baseline.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("heuristic_baseline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_heuristic_writes_predictions_that_evaluate_scores(tmp_path, capsys):
@@ -29,7 +20,7 @@ def test_heuristic_writes_predictions_that_evaluate_scores(tmp_path, capsys):
     val = tmp_path / "shards" / "val"
     gt = write_json_atomic(tmp_path / "gt.json", ground_truth_from_samples(iter_samples(val)))
     out = tmp_path / "heuristic.json"
-    assert load_script().main(["--gt", str(gt), "--shards", str(val), "--out", str(out)]) == 0
+    assert load_script("heuristic_baseline").main(["--gt", str(gt), "--shards", str(val), "--out", str(out)]) == 0
     records = json.loads(out.read_text())
     assert records and {"image_id", "segmentation", "score"} <= set(records[0])
     assert evaluate_main(["--gt", str(gt), "--pred", str(out)]) == 0

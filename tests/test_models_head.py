@@ -287,3 +287,45 @@ def test_a_training_step_reads_the_device_a_handful_of_times(make_batch):
         loss = loss_fn(model(batch.images, batch.phrases, batch.query_image, targets=batch), batch)["loss"]
         loss.backward()
     assert counter.total <= 4, counter.syncs
+
+
+def test_proposal_nms_selects_other_objects_before_a_duplicate():
+    from sambridge.models.grounding_head import QuerySelection
+
+    boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.31, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2],
+                           [0.3, 0.31, 0.2, 0.2], [0.5, 0.5, 0.1, 0.1]]])  # 1 and 3 duplicate 0
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    plain = QuerySelection(HeadConfig(d_model=8, query_selection=True))
+    nms = QuerySelection(HeadConfig(d_model=8, query_selection=True, proposal_nms=0.5))
+    assert plain.select(scores, boxes, 3).tolist() == [[0, 1, 2]]
+    assert nms.select(scores, boxes, 3).tolist() == [[0, 2, 4]]
+    assert nms.select(scores, boxes, 5).tolist() == [[0, 2, 4, 1, 3]]  # duplicates last, still by score
+    with pytest.raises(ValueError, match="proposal_nms"):
+        HeadConfig(proposal_nms=1.5)
+
+
+def _first_seeds_overlap(proposal_nms: float | None, batch, count: int = 8) -> tuple[float, int]:
+    """Largest box IoU between two of the first ``count`` proposals a tiny model seeds its decoder with,
+    and the device reads of its forward."""
+    from sam3.model.box_ops import box_cxcywh_to_xyxy, box_iou
+
+    from sambridge.models import create_model
+    from sambridge.profiling import HostSyncCounter
+
+    torch.manual_seed(0)
+    model = create_model("grounded_sam2_tiny", head={"proposal_nms": proposal_nms}).eval()
+    selection, picked = model.detector.transformer.query_selection, []
+    select = selection.select
+    selection.select = lambda scores, boxes, k: picked.append((boxes, select(scores, boxes, k))) or picked[-1][1]
+    with torch.no_grad(), HostSyncCounter() as counter:
+        model(batch.images, batch.phrases, batch.query_image)
+    boxes, top = picked[0]
+    seeds = box_cxcywh_to_xyxy(boxes.gather(1, top[:, :count, None].expand(-1, -1, 4)))
+    return float(torch.triu(box_iou(seeds, seeds)[0], diagonal=1).amax()), counter.total
+
+
+def test_a_model_with_proposal_nms_seeds_distinct_boxes_without_reading_the_device(grounding_batch):
+    # untrained proposals are 2-token anchors: neighbours overlap by IoU 1/3
+    assert _first_seeds_overlap(None, grounding_batch)[0] > 0.2
+    overlap, reads = _first_seeds_overlap(0.2, grounding_batch)
+    assert overlap <= 0.2 and reads == 0

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from script_loader import load_script
 
 from data_pipelines.augment import AugmentConfig
 from data_pipelines.collate import QueryPolicy, SampleTransform, collate_samples
@@ -17,14 +17,6 @@ from sambridge.callbacks import PredictionWriter
 from sambridge.evaluate import evaluate_files
 
 SIDE = 64
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def perfect_predictions(batch) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from sam3.model.box_ops import box_cxcywh_to_xyxy
+from sam3.model.box_ops import box_cxcywh_to_xyxy, box_iou
 from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
 from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
 from sam3.model.geometry_encoders import SequenceGeometryEncoder
@@ -54,6 +54,13 @@ class HeadConfig:
             token proposes a box and a phrase score, trained like a decoder layer; the top
             ``num_queries`` proposals become the decoder's reference boxes instead of SAM3's
             learned ones. Off in SAM3's recipe; a head trained from scratch converges much faster.
+        proposal_assignment: How the query-selection proposals are trained: ``hungarian`` (one
+            token per instance) or ``mask`` (every token whose centre lies inside the instance).
+        proposal_nms: With ``query_selection``: box IoU above which a proposal is a duplicate of a
+            higher-scoring one and is selected only after every other (Fast NMS over the top
+            ``4 × num_queries`` proposals; ``None``: plain top-k). Neighbouring tokens of one object
+            propose near-identical boxes, so plain top-k spends several queries on each salient
+            object, which then split its score between them.
         activation_checkpointing: Recompute the segmentation head and geometry encoder in the
             backward pass (SAM3's setting: less memory, more compute); the fusion encoder and DETR
             decoder always checkpoint in training (sam3 asserts it).
@@ -69,12 +76,15 @@ class HeadConfig:
     dropout: float = 0.1
     query_selection: bool = False
     proposal_assignment: str = "hungarian"
+    proposal_nms: float | None = None
     activation_checkpointing: bool = True
 
     def __post_init__(self) -> None:
         if self.proposal_assignment not in PROPOSAL_ASSIGNMENTS:
             raise ValueError(f"proposal_assignment must be one of {PROPOSAL_ASSIGNMENTS}, "
                              f"got {self.proposal_assignment!r}")
+        if self.proposal_nms is not None and not 0 < self.proposal_nms < 1:
+            raise ValueError(f"proposal_nms must be a box IoU in (0, 1) or None, got {self.proposal_nms}")
 
 
 SAM3_HEAD = HeadConfig()
@@ -192,6 +202,7 @@ class QuerySelection(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
         self.assignment = cfg.proposal_assignment
+        self.nms_iou = cfg.proposal_nms
         self.scoring = build_dot_product_scoring(cfg)
         self.box = MLP(cfg.d_model, cfg.d_model, 4, 3)
         nn.init.zeros_(self.box.layers[-1].weight)
@@ -212,6 +223,19 @@ class QuerySelection(nn.Module):
         anchors = torch.cat([centres, sides], -1).to(feats.dtype)
         boxes = (inverse_sigmoid(anchors)[None] + self.box(feats)).sigmoid()
         return scores, boxes
+
+    @torch.no_grad()
+    def select(self, scores: Tensor, boxes: Tensor, count: int) -> Tensor:
+        """(B, count) indices of the proposals that seed the decoder, best first: the top scores, or
+        with ``nms_iou`` the top scores among non-duplicates, then the duplicates (no device read)."""
+        if self.nms_iou is None:
+            return scores.topk(count, dim=1).indices
+        candidates = scores.topk(min(4 * count, scores.shape[1]), dim=1)
+        xyxy = box_cxcywh_to_xyxy(boxes.gather(1, candidates.indices[..., None].expand(-1, -1, 4)).float())
+        overlap = torch.triu(box_iou(xyxy, xyxy)[0].nan_to_num(0.0), diagonal=1)  # [i, j]: i scores higher than j
+        duplicate = overlap.amax(dim=1) > self.nms_iou  # YOLACT's Fast NMS
+        rank = torch.where(duplicate, candidates.values.float() - 1e4, candidates.values.float())
+        return candidates.indices.gather(1, rank.topk(count, dim=1).indices)
 
 
 def build_dot_product_scoring(cfg: HeadConfig) -> nn.Module:
@@ -310,7 +334,7 @@ class GroundingDetector(Sam3Image):
         reference = None
         if selection is not None:
             enc_scores, enc_boxes = selection(memory, feat_size, prompt, prompt_mask, src_mask)
-            top = enc_scores[..., 0].topk(decoder.num_queries, dim=1).indices  # (B, K)
+            top = selection.select(enc_scores[..., 0], enc_boxes, decoder.num_queries)  # (B, K)
             reference = enc_boxes.gather(1, top[..., None].expand(-1, -1, 4)).detach().transpose(0, 1)
         tgt = decoder.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         if selection is not None:  # content: the selected tokens themselves, so no slot carries a fixed prior

@@ -27,6 +27,7 @@ from torch import nn
 
 from data_pipelines.atomic import atomic_write
 from sambridge.models.checkpoint_io import CheckpointError, load_state_dict_strict
+from sambridge.models.grounded_sam2 import DETECTION_SCORES, INSTANCE_SOURCES
 from sambridge.models.registry import create_model
 
 STUDENT_FORMAT = "sambridge-student-v1"
@@ -113,8 +114,10 @@ def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     load_state_dict_strict(model, state, f"student file {path}")
     if "refine_masks" in header and hasattr(model, "refine_masks"):  # files before it was recorded: the default
         model.refine_masks = json.loads(header["refine_masks"])
-    if "instances" in header and hasattr(model, "instances"):
-        model.instances = header["instances"]
-    if "detection_score" in header and hasattr(model, "detection_score"):
-        model.detection_score = header["detection_score"]
+    for field, allowed in (("instances", INSTANCE_SOURCES), ("detection_score", DETECTION_SCORES)):
+        if field in header and hasattr(model, field):
+            if header[field] not in allowed:
+                raise CheckpointError(f"student file {path}: header field {field!r} is {header[field]!r}, "
+                                      f"expected one of {', '.join(allowed)}")
+            setattr(model, field, header[field])
     return model.eval().to(device)
