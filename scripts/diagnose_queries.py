@@ -6,7 +6,8 @@ do the queries that reach them score, which query slots fire, and do absent phra
         --shards data/synthetic_demo/val --batches 13
 
 Every phrase of each image is asked (up to ``--max-queries``); masks are the head's own (stride 4,
-upsampled to the canvas), scores the model's detection scores. Per ground-truth instance it finds
+upsampled to the canvas), scores the model's detection scores, queries the one-to-one ones (SAM3's
+outputs) or with ``--outputs one_to_many`` the one-to-many (DAC) ones. Per ground-truth instance it finds
 the best mask IoU over all the phrase's queries ("reachable" at IoU >= 0.5) and the best score of the
 queries that reach it ("found" at score >= threshold); per detection (score >= threshold, present
 phrases) whether it is right (IoU >= 0.5 with an instance), empty, and which query slot made it.
@@ -93,10 +94,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-queries", type=int, default=16, help="phrases asked per image at most")
     parser.add_argument("--threshold", type=float, default=0.5, help="score of a detection")
+    parser.add_argument("--outputs", choices=("one_to_one", "one_to_many"), default="one_to_one",
+                        help="which decoder queries to break down (whatever the run predicts with)")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
 
     model = load_trained_model(args.checkpoint).eval()
+    model.one_to_many_outputs = args.outputs == "one_to_many"
     data = ShardDataModule(val=args.shards, batch_size=args.batch_size, num_workers=0, pin_memory=False,
                            persistent_workers=False, image_size=model.image_size,
                            max_queries_per_image=args.max_queries)

@@ -80,3 +80,39 @@ def test_detection_score_is_the_match_alone_when_absent_phrases_trained_it(groun
     torch.testing.assert_close(kept, match.sort(dim=1, descending=True).values[:, :kept.shape[1]])
     save_student(model, "grounded_sam2_tiny", {}, tmp_path / "student.safetensors")
     assert load_student(tmp_path / "student.safetensors").detection_score == "match"
+
+
+def test_mask_nms_drops_a_part_of_an_object_and_keeps_a_touching_one():
+    import torch
+
+    from sambridge.models.grounded_sam2 import suppress_contained
+
+    whole, part, touching = (torch.zeros(16, 16, dtype=torch.bool) for _ in range(3))
+    whole[2:10, 2:10], part[2:10, 2:5], touching[2:10, 10:16] = True, True, True
+    masks = torch.stack([whole, part, touching])[None]  # best first
+    keep = torch.ones(1, 3, dtype=torch.bool)
+    assert suppress_contained(masks, keep, 0.5).tolist() == [[True, False, True]]
+    assert suppress_contained(masks, torch.tensor([[False, True, True]]), 0.5).tolist() == [[False, True, True]]
+    # a dropped detection drops nothing: c lies in b (3/4 of c), b mostly in a (5/8 of b), c not in a
+    a, b, c = (torch.zeros(16, 16, dtype=torch.bool) for _ in range(3))
+    a[2:10, 0:8], b[2:10, 3:11], c[2:10, 8:12] = True, True, True
+    assert suppress_contained(torch.stack([a, b, c])[None], keep, 0.5).tolist() == [[True, False, True]]
+
+
+def test_mask_nms_is_a_run_setting_that_reaches_the_model_and_suffices_for_one_to_many(grounding_batch):
+    import pytest
+    import torch
+
+    with pytest.raises(ValueError, match="mask_nms must be in"):
+        PredictSettings(mask_nms=1.5)
+    module = GroundingModule(model="grounded_sam2_tiny",
+                             prediction=PredictSettings(outputs="one_to_many", mask_nms=0.5))
+    model, b = module.model.eval(), grounding_batch
+    assert model.mask_nms == 0.5 and model.nms_iou is None
+    with torch.no_grad():
+        out = model(b.images, b.phrases, b.query_image)
+        suppressed = model.postprocess(out, score_threshold=0.0)  # the model's own setting
+        model.mask_nms = None
+        unsuppressed = model.postprocess(out, score_threshold=0.0)
+    assert suppressed["keep"].sum() < unsuppressed["keep"].sum()  # untrained queries pile up on one blob
+    assert not (suppressed["masks"] & ~suppressed["keep"][..., None, None]).any()

@@ -80,6 +80,7 @@ class GroundedSAM2(nn.Module):
             several times faster (``docs/training.md``), so ``GroundingModule`` sets this from
             whether the run started from a SAM2 checkpoint.
         nms_iou: What ``postprocess`` suppresses when not told (``None``: nothing).
+        mask_nms: ``postprocess``'s mask containment suppression when not told (``None``: none).
         instances: Where ``postprocess``'s detections come from when not told: ``"queries"`` (the
             DETR decoder's, as SAM3) or ``"components"`` (connected components of the phrase's
             semantic mask, scored by mean probability x presence; see ``models.components``).
@@ -107,6 +108,7 @@ class GroundedSAM2(nn.Module):
         refine_multimask_output: bool = False,
         refine_masks: bool = True,
         nms_iou: float | None = None,
+        mask_nms: float | None = None,
         instances: str = "queries",
         detection_score: str = "match_x_presence",
         check_size: Callable[[int], None] = check_image_size,
@@ -123,6 +125,7 @@ class GroundedSAM2(nn.Module):
         self.detection_score = detection_score
         self.refine_masks = refine_masks
         self.nms_iou = nms_iou
+        self.mask_nms = mask_nms
         self.detector = detector
         self.prompt_decoder = prompt_decoder
         self.matcher = matcher if matcher is not None else hungarian_matcher()
@@ -317,6 +320,7 @@ class GroundedSAM2(nn.Module):
         out_hw: tuple[int, int] | None = None,
         nms_iou: float | None = None,
         instances: str | None = None,
+        mask_nms: float | None = None,
     ) -> dict[str, Tensor]:
         """Top-k detections per query with masks at ``out_hw``.
 
@@ -333,6 +337,10 @@ class GroundedSAM2(nn.Module):
             instances: ``"queries"`` (the decoder's detections) or ``"components"`` (connected
                 components of the semantic mask; ``refine`` and ``nms_iou`` do not apply);
                 ``None``: ``self.instances``.
+            mask_nms: Also drop a detection whose head mask lies inside a higher-scoring kept one of
+                the same query by more than this fraction of the smaller mask's area (a part of an
+                object; objects that only touch overlap little, unlike their boxes); ``None``:
+                ``self.mask_nms``.
 
         Returns:
             ``scores`` (Q, K'), ``boxes_xyxy`` (Q, K', 4) normalised, ``keep`` (Q, K') bool,
@@ -354,6 +362,10 @@ class GroundedSAM2(nn.Module):
             suppressed = torch.ones_like(q, dtype=torch.bool)
             suppressed[survivors] = False
             keep[q[suppressed], k[suppressed]] = False
+            q, k = keep.nonzero(as_tuple=True)
+        mask_nms = self.mask_nms if mask_nms is None else mask_nms
+        if mask_nms is not None:
+            keep = suppress_contained(out["pred_masks"][rows, top.indices] > 0, keep, mask_nms)
             q, k = keep.nonzero(as_tuple=True)
         refine = self.refine_masks if refine is None else refine
         if refine and self.prompt_decoder is not None:
@@ -495,3 +507,22 @@ class GroundedSAM2(nn.Module):
         if orphans:
             raise RuntimeError(f"trainable parameters outside every group: {orphans[:10]}")
         return groups
+
+
+def suppress_contained(masks: Tensor, keep: Tensor, threshold: float) -> Tensor:
+    """``keep`` without the detections whose mask lies inside a higher-scoring kept one of the same
+    row by more than ``threshold`` of the smaller mask's area (intersection over the smaller area).
+
+    Args:
+        masks: (Q, K, h, w) bool, each row's detections in descending score order.
+        keep: (Q, K) bool, the detections kept so far.
+        threshold: Containment above which the lower-scoring detection goes.
+    """
+    flat = masks.flatten(2).float()
+    inter = torch.einsum("qin,qjn->qij", flat, flat)
+    area = flat.sum(-1)
+    contained = inter / torch.minimum(area[:, :, None], area[:, None, :]).clamp(min=1) > threshold
+    keep = keep.clone()
+    for j in range(1, keep.shape[1]):  # greedy, best first: a dropped detection drops nothing
+        keep[:, j] &= ~(contained[:, :j, j] & keep[:, :j]).any(1)
+    return keep

@@ -36,7 +36,11 @@ class PredictSettings:
             connected components of the phrase's semantic mask, scored by mean probability x
             presence (needs ``loss.semantic_bce``/``semantic_dice``; touching instances merge).
         nms_iou: drop detections whose box overlaps a higher-scoring one of the same phrase by IoU
-            above this (``null``: none); required with ``one_to_many`` outputs.
+            above this (``null``: none); ``one_to_many`` outputs need it or ``mask_nms``.
+        mask_nms: drop detections whose mask lies inside a higher-scoring one of the same phrase by
+            more than this fraction of the smaller mask (``null``: none): removes the part-of-an-object
+            detections of ``one_to_many`` outputs and keeps touching objects, whose boxes overlap more
+            than their masks.
         score: a detection's score: ``match_x_presence`` (SAM3: the query's match probability times
             the phrase's presence) or ``match`` (the match probability alone); ``null`` (default):
             ``match`` when the loss trains the query scores of absent phrases too
@@ -49,6 +53,7 @@ class PredictSettings:
     refine: bool | None = None
     outputs: Literal["one_to_one", "one_to_many", "components"] = "one_to_one"
     nms_iou: float | None = None
+    mask_nms: float | None = None
     score: Literal["match_x_presence", "match"] | None = None
 
     def __post_init__(self) -> None:
@@ -57,8 +62,10 @@ class PredictSettings:
         if self.outputs not in ("one_to_one", "one_to_many", "components"):
             raise ValueError("prediction.outputs must be one_to_one, one_to_many or components, "
                              f"got {self.outputs!r}")
-        if self.outputs == "one_to_many" and self.nms_iou is None:
-            raise ValueError("prediction.outputs: one_to_many needs prediction.nms_iou (e.g. 0.5): "
+        if self.mask_nms is not None and not 0 < self.mask_nms < 1:
+            raise ValueError(f"prediction.mask_nms must be in (0, 1) or null, got {self.mask_nms}")
+        if self.outputs == "one_to_many" and self.nms_iou is None and self.mask_nms is None:
+            raise ValueError("prediction.outputs: one_to_many needs prediction.nms_iou (e.g. 0.5) or mask_nms: "
                              "several one-to-many queries predict each object")
 
 
@@ -80,6 +87,7 @@ def apply_prediction_settings(model: nn.Module, sam2_checkpoint: str | None,
     model.one_to_many_outputs = settings.outputs == "one_to_many"
     model.instances = "components" if settings.outputs == "components" else "queries"
     model.nms_iou = settings.nms_iou
+    model.mask_nms = settings.mask_nms
     model.detection_score = settings.score or ("match" if score_absent else "match_x_presence")
 
 
@@ -172,7 +180,8 @@ class GroundingModule(BaseTask):
         """Top-k detections per query with masks on the batch canvas."""
         s = self.predict_settings
         return self.model.postprocess(outputs, top_k=s.top_k, score_threshold=s.score_threshold,
-                                      out_hw=tuple(batch.images.shape[-2:]), nms_iou=s.nms_iou)
+                                      out_hw=tuple(batch.images.shape[-2:]), nms_iou=s.nms_iou,
+                                      mask_nms=s.mask_nms)
 
     def _log_metrics(self, metrics) -> None:
         values = {name: value.float() for name, value in metrics.compute().items()}
