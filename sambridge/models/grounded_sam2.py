@@ -356,17 +356,17 @@ class GroundedSAM2(nn.Module):
         rows = torch.arange(scores.shape[0], device=scores.device)[:, None]
         boxes = out["pred_boxes_xyxy"][rows, top.indices].clamp(0, 1)
         keep = top.values >= score_threshold
-        q, k = keep.nonzero(as_tuple=True)
-        if nms_iou is not None and len(q):
-            survivors = batched_nms(boxes[q, k].float(), top.values[q, k].float(), q, nms_iou)
-            suppressed = torch.ones_like(q, dtype=torch.bool)
-            suppressed[survivors] = False
-            keep[q[suppressed], k[suppressed]] = False
+        if nms_iou is not None:
             q, k = keep.nonzero(as_tuple=True)
+            if len(q):
+                survivors = batched_nms(boxes[q, k].float(), top.values[q, k].float(), q, nms_iou)
+                suppressed = torch.ones_like(q, dtype=torch.bool)
+                suppressed[survivors] = False
+                keep[q[suppressed], k[suppressed]] = False
         mask_nms = self.mask_nms if mask_nms is None else mask_nms
         if mask_nms is not None:
             keep = suppress_contained(out["pred_masks"][rows, top.indices] > 0, keep, mask_nms)
-            q, k = keep.nonzero(as_tuple=True)
+        q, k = keep.nonzero(as_tuple=True)  # the kept detections, read once
         refine = self.refine_masks if refine is None else refine
         if refine and self.prompt_decoder is not None:
             logits = self.prompt_decoder(
