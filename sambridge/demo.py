@@ -96,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "summary.md").write_text(f"# sambridge demo\n\n{table}\n")
     print(f"\nTrained {trainer.global_step} steps in {summary['minutes']:.1f} min.\n\n{table}\n")
     print(f"Held-out overlays: {out / 'heldout_predictions' / 'overlays'}; summary: {out / 'summary.md'}")
+    print(f"Checkpoint of this run: {trainer.checkpoint_callback.last_model_path}")
     return 0
 
 

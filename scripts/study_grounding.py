@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """One row of the grounding-head study (docs/training.md): train a recipe for a few hundred steps on
-the demo shards and score one-to-one, one-to-many (+ NMS) and
+the demo shards and score one-to-one, one-to-many (+ box and mask NMS) and
 semantic-component outputs on val and held-out every K steps.
 
 A plain loop over ``GroundingModule``'s own model, loss and optimiser (no Lightning, no loader
@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--negatives", type=int, default=2, help="absent phrases asked per training image")
     parser.add_argument("--save", help="write the trained model's state dict here at the end")
-    parser.add_argument("--nms-iou", type=float, default=0.5, help="NMS of the one-to-many outputs")
+    parser.add_argument("--nms-iou", type=float, default=0.5, help="box NMS of the one-to-many outputs")
+    parser.add_argument("--mask-nms", type=float, default=0.5, help="mask-containment NMS of the one-to-many outputs")
     args = parser.parse_args()
 
     from data_pipelines import ShardDataModule
@@ -71,8 +72,9 @@ def main() -> None:
             for one_to_many in (False, True):
                 model.one_to_many_outputs = one_to_many
                 out = model(batch.images, batch.phrases, batch.query_image)
-                nms = args.nms_iou if one_to_many else None
-                post = model.postprocess(out, top_k=20, score_threshold=0.1, out_hw=size, nms_iou=nms)
+                post = model.postprocess(out, top_k=20, score_threshold=0.1, out_hw=size,
+                                         nms_iou=args.nms_iou if one_to_many else None,
+                                         mask_nms=args.mask_nms if one_to_many else None)
                 scores["one_to_many" if one_to_many else "one_to_one"].update_from_batch(post, batch)
                 if not one_to_many:
                     scores["components"].update_from_batch(
