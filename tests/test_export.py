@@ -235,3 +235,21 @@ def test_checkpoints_from_before_the_loss_weights_moved_still_read(tmp_path, mon
     monkeypatch.undo()
     loss = read_lightning_checkpoint(path)["hyper_parameters"]["loss"]
     assert isinstance(loss, GroundingLossWeights) and loss.mask_stride == 1
+
+
+def test_the_validated_read_out_travels_with_the_student_file(grounding_batch, tmp_path):
+    torch.manual_seed(0)
+    module = GroundingModule(model="grounded_sam2_tiny", image_size=96,
+                             prediction={"outputs": "one_to_many", "nms_iou": 0.4, "mask_nms": 0.5})
+    checkpoint = fit_one_step(module, grounding_batch, tmp_path / "o2m.ckpt")
+    for suffix in (".pt", ".safetensors"):
+        student = load_student(export_student(checkpoint, tmp_path / f"student{suffix}"))
+        assert (student.one_to_many_outputs, student.nms_iou, student.mask_nms) == (True, 0.4, 0.5), suffix
+        expected, got = predict(module.model, grounding_batch), predict(student, grounding_batch)
+        assert torch.equal(expected["scores"], got["scores"]) and torch.equal(expected["masks"], got["masks"])
+
+    blob = torch.load(tmp_path / "student.pt", weights_only=True)
+    blob["mask_nms"] = "1.5"
+    torch.save(blob, tmp_path / "student.pt")
+    with pytest.raises(CheckpointError, match=r"student\.pt: header field 'mask_nms' is '1.5', expected null or a"):
+        load_student(tmp_path / "student.pt")

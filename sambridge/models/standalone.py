@@ -52,6 +52,16 @@ def architecture_args(model_args: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(kept, default=_jsonable))
 
 
+#: Header field -> model attribute of the read-out a run validated with (``prediction.outputs``, the NMS).
+READ_OUT_FIELDS = {"one_to_many": "one_to_many_outputs", "nms_iou": "nms_iou", "mask_nms": "mask_nms"}
+
+
+def _valid_read_out(field: str, value: Any) -> bool:
+    if field == "one_to_many":
+        return isinstance(value, bool)
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1)
+
+
 def save_student(model: nn.Module, name: str, model_args: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``model``'s weights with the registered ``name`` and architecture ``model_args`` (atomically).
 
@@ -67,7 +77,9 @@ def save_student(model: nn.Module, name: str, model_args: dict[str, Any], path: 
               "model_args": json.dumps(architecture_args(model_args), sort_keys=True),
               "refine_masks": json.dumps(bool(getattr(model, "refine_masks", True))),  # its validated mask source
               "instances": getattr(model, "instances", "queries"),  # detection source
-              "detection_score": getattr(model, "detection_score", "match_x_presence")}  # and score
+              "detection_score": getattr(model, "detection_score", "match_x_presence"),  # and score
+              **{field: json.dumps(getattr(model, attr)) for field, attr in READ_OUT_FIELDS.items()
+                 if hasattr(model, attr)}}
     if path.suffix == ".safetensors":
         return atomic_write(path, safetensors_bytes(state, metadata=header))
     return atomic_write(path, lambda file: torch.save({**header, "state_dict": state}, file))
@@ -120,4 +132,14 @@ def load_student(path: str | os.PathLike, device: torch.device | str = "cpu") ->
                 raise CheckpointError(f"student file {path}: header field {field!r} is {header[field]!r}, "
                                       f"expected one of {', '.join(allowed)}")
             setattr(model, field, header[field])
+    for field, attr in READ_OUT_FIELDS.items():  # files from before they were recorded: the model's defaults
+        if field in header and hasattr(model, attr):
+            try:
+                value = json.loads(header[field])
+            except (TypeError, json.JSONDecodeError):
+                value = header[field]
+            if not _valid_read_out(field, value):
+                raise CheckpointError(f"student file {path}: header field {field!r} is {header[field]!r}, expected "
+                                      + ("true or false" if field == "one_to_many" else "null or a number in [0, 1]"))
+            setattr(model, attr, value)
     return model.eval().to(device)
