@@ -62,9 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     data_dir, out = Path(args.data), Path(args.out)
     ensure_synthetic(data_dir, args.num_train)
-    overrides = ["--config", args.config, "--trainer.default_root_dir", str(out),
-                 "--trainer.logger.init_args.save_dir", str(out),
-                 f"--trainer.callbacks.dirpath={out / 'checkpoints'}",  # the config's ModelCheckpoint
+    overrides = ["--config", args.config, "--trainer.default_root_dir", str(out),  # logs and last.ckpt follow
                  "--trainer.callbacks+=sambridge.callbacks.EvaluationReport",
                  "--data.init_args.train", str(data_dir / "train"), "--data.init_args.val", str(data_dir / "val"),
                  "--data.init_args.test", str(data_dir / "heldout")]

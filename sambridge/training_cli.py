@@ -73,10 +73,23 @@ class SambridgeCLI(LightningCLI):
         self._argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        self._loggers_follow_the_run_directory((self.config[subcommand] if subcommand else self.config).trainer)
         requested = self.config[subcommand].get("ckpt_path") if subcommand else None
         if requested is not None and str(requested) not in (AUTO, *LIGHTNING_CKPT_ALIASES) and \
                 "://" not in str(requested):
             check_checkpoint(requested)  # before Lightning unpickles it for its hyper-parameters
+
+    def _loggers_follow_the_run_directory(self, trainer) -> None:
+        """``--trainer.default_root_dir`` alone moves a whole run (one run per directory): a logger's ``save_dir``
+        follows it unless the command sets it too (the checkpoints follow through ``RunCheckpoint``)."""
+        flags = {str(a).split("=", 1)[0] for a in self._argv}
+        if "--trainer.default_root_dir" not in flags or any(f.startswith("--trainer.logger") for f in flags):
+            return
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and "save_dir" in init_args:
+                init_args.save_dir = trainer.default_root_dir
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's hook that replaces the model's arguments with the checkpoint's

@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 from pycocotools import mask as mask_utils
 
 from data_pipelines.synthetic import generate_synthetic
+from sambridge.callbacks import RunCheckpoint
 from sambridge.cli import SambridgeCLI, lightning_cli, main
 from sambridge.evaluate import main as evaluate_main
 from sambridge.modules import BaseTask, GroundingModule
@@ -123,6 +124,7 @@ def test_tool_commands_are_reachable(capsys) -> None:
 def test_the_demo_config_alone_writes_the_checkpoint_the_docs_read() -> None:
     cli = lightning_cli(["--config", str(REPO / "configs/demo/grounding_tiny.yaml")], run=False)
     (callback,) = cli.trainer.checkpoint_callbacks
-    assert Path(callback.dirpath) == Path("runs/demo/checkpoints").resolve() and callback.save_last
+    assert isinstance(callback, RunCheckpoint) and callback.save_last  # <default_root_dir>/checkpoints at set-up
+    assert callback.dirpath is None and Path(cli.trainer.default_root_dir).resolve() == Path("runs/demo").resolve()
     for doc in ("docs/evaluation.md", "docs/training.md"):
         assert "--ckpt_path runs/demo/checkpoints/last.ckpt" in (REPO / doc).read_text()

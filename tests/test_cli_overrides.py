@@ -112,3 +112,20 @@ def test_fit_with_overrides_from_yaml_and_flags_records_them(tmp_path: Path) -> 
     assert tested.model.predict_settings.top_k == 7  # the checkpoint's
     assert tested.model.loss_fn.presence_weight == 3.5
     assert tested.model.model.detection_score == "match"  # the flag's (the run's: match_x_presence)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_new_run_directory_alone_moves_the_checkpoints_and_logs(tmp_path: Path, monkeypatch) -> None:
+    """``--trainer.default_root_dir`` alone gives a demo config's run its own directory: the config's own
+    (``runs/demo``) keeps its ``last.ckpt`` and logs untouched."""
+    shards = make_shards(tmp_path / "shards")
+    monkeypatch.chdir(tmp_path)  # the config's relative runs/demo would land here
+    out = tmp_path / "other"
+    main(["fit", "--config", str(DEMO), "--data.init_args.train", str(shards / "train"),
+          "--data.init_args.val", str(shards / "val"), "--data.init_args.image_size", "64",
+          "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--trainer.max_steps", "1",
+          "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(out)])
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert list(out.glob("lightning_logs/version_0/metrics.csv"))
+    assert not (tmp_path / "runs").exists()

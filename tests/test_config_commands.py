@@ -145,14 +145,14 @@ def test_documented_runs_stack_the_shared_trainer_and_a_data_config_first():
 def test_only_the_shared_trainer_sets_the_callback_list():
     """A later config's ``callbacks:`` replaces the whole list (jsonargparse); ``callbacks+:`` appends.
     So the stackable configs only append, and no order of them loses a callback. (configs/demo/* are
-    whole runs of their own; configs/data/cwfid.yaml replaces the demo's checkpoint callback on purpose.)"""
+    whole runs of their own.)"""
     setting = []
     for d in (*RUN_DIRS, "data", "trainer"):
         for path in sorted((REPO / "configs" / d).glob("*.yaml")):
             trainer = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
             if "callbacks" in trainer:
                 setting.append(str(path.relative_to(REPO)))
-    assert setting == ["configs/data/cwfid.yaml", DEFAULT]
+    assert setting == [DEFAULT]
 
 
 def test_shipped_runs_log_to_resumable_offline_wandb_in_their_own_run_directory(parser):
