@@ -37,7 +37,8 @@ def test_a_shipped_config_without_its_sam2_checkpoint_says_so_in_one_line(tmp_pa
                           "--model.init_args.sam2_checkpoint", "checkpoints/not_downloaded.pt",
                           "--trainer.default_root_dir", str(tmp_path)], capsys)
     assert code == 2
-    assert err[-1] == "error: SAM2 checkpoint not found: checkpoints/not_downloaded.pt (run with --debug for the traceback)"
+    assert err[-1] == ("error: SAM2 checkpoint not found: checkpoints/not_downloaded.pt "
+                       "(run with --debug for the traceback)")
     assert not any("Traceback" in line for line in err)
 
 

@@ -272,6 +272,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 10 s: two spawned ranks import torch and sambridge again (fork hangs under gloo)
 def test_ddp_sync_counts_each_query_once(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     queries, evaluation = _queries(60, seed=22)
