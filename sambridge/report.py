@@ -144,9 +144,13 @@ def query_grid_figure(best: Sequence[QueryView], worst: Sequence[QueryView],
                   f"prediction ({len(view.pred_masks)})")
         for ax, panel, title in zip(axes[r], panels, titles, strict=True):
             ax.imshow(panel)
-            ax.set_title(title, fontsize=7)
+            ax.set_title(title, fontsize=7, y=1.0)  # a fixed title position: no per-draw search
             ax.set_axis_off()
-    figure.tight_layout()
+    # a fixed layout with room for two 7-pt title lines (tight_layout measured every axes: 2x slower grids)
+    title_inches = 0.4
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02 / len(rows),
+                           top=1 - title_inches / (len(rows) * panel_inches),
+                           wspace=0.05, hspace=title_inches / (panel_inches - title_inches))
     return figure
 
 
