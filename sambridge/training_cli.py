@@ -81,9 +81,9 @@ class SambridgeCLI(LightningCLI):
 
     def _loggers_follow_the_run_directory(self, trainer) -> None:
         """``--trainer.default_root_dir`` alone moves a whole run (one run per directory): a logger's ``save_dir``
-        follows it unless the command sets it too (the checkpoints follow through ``RunCheckpoint``)."""
-        flags = {str(a).split("=", 1)[0] for a in self._argv}
-        if "--trainer.default_root_dir" not in flags or any(f.startswith("--trainer.logger") for f in flags):
+        follows it unless a flag sets the logger too (the checkpoints follow through ``RunCheckpoint``)."""
+        if not flagged_fields(self._argv, ("--trainer.default_root_dir",)) or \
+                flagged_fields(self._argv, ("--trainer.logger",)):
             return
         loggers = trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
