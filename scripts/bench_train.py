@@ -34,6 +34,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+FUSED = {"auto": None, "true": True, "false": False}  # --fused -> OptimizerConfig.fused
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="grounded_sam2_tiny")
@@ -46,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop; best is kept")
     parser.add_argument("--profile-steps", type=int, default=4, help="training steps profiled for host syncs")
     parser.add_argument("--fused", choices=["auto", "true", "false"], default="true",
-                        help="AdamW implementation in the sync count: fused (what a GPU run builds), "
-                             "or the device's default (auto)")
+                        help="AdamW of every measurement: fused (what a run builds on a GPU or CPU), torch's "
+                             "unfused for-loop/foreach one (false) or sambridge's choice for the device (auto)")
     parser.add_argument("--gradient-clip-val", type=float, default=0.1)
     parser.add_argument("--skip-speed", action="store_true", help="only count host syncs and ops")
     parser.add_argument("--smoke", action="store_true",
@@ -76,13 +79,14 @@ def make_batches(args: argparse.Namespace, data_dir: Path) -> list:
     return list(itertools.islice(iter(dm.train_dataloader()), 16))
 
 
-def build_module(args: argparse.Namespace, finetune: str = "full", fused: bool | None = None):
+def build_module(args: argparse.Namespace, finetune: str = "full"):
     from sambridge.modules import GroundingModule
     from sambridge.optim import OptimizerConfig
 
     torch.manual_seed(0)
     return GroundingModule(model=args.model, finetune=finetune, image_size=args.image_size,
-                           optimizer=OptimizerConfig(lr=1e-4, warmup_steps=0, total_steps=10_000, fused=fused))
+                           optimizer=OptimizerConfig(lr=1e-4, warmup_steps=0, total_steps=10_000,
+                                                     fused=FUSED[args.fused]))
 
 
 def make_optimizer(module) -> torch.optim.Optimizer:
@@ -203,8 +207,7 @@ def host_syncs(args: argparse.Namespace, batches: list, log_dir: Path) -> dict:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
-    fused = {"auto": None, "true": True, "false": False}[args.fused]
-    module = build_module(args, fused=fused)
+    module = build_module(args)
     module.loss_on_progress_bar = False  # as on a GPU: the bar would read the loss after every step
     start = 2  # after the first steps' one-off work
     profiler = _SyncProfiler(start, args.profile_steps)
@@ -219,7 +222,23 @@ def host_syncs(args: argparse.Namespace, batches: list, log_dir: Path) -> dict:
     by_kind = {kind: count / steps for kind, count in sorted(profiler.syncs.items())}
     return {"host_syncs_per_step": sum(by_kind.values()), "host_syncs_by_kind": by_kind,
             "top_level_ops_per_step": profiler.top_level_ops / steps, "profiled_steps": steps,
-            "optimizer_fused": fused}
+            "optimizer_fused": FUSED[args.fused]}
+
+
+def optimizer_step_ms(args: argparse.Namespace) -> float:
+    """Milliseconds of one optimiser step over every trainable parameter (random gradients)."""
+    module = build_module(args).to(args.device)
+    optimizer = make_optimizer(module)
+    for p in module.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p) * 1e-3
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            sync(args.device)
+            start = time.perf_counter()
+        optimizer.step()
+    sync(args.device)
+    return 1000 * (time.perf_counter() - start) / args.steps
 
 
 def peak_memory(args: argparse.Namespace, finetune: str, batches: list) -> float:
@@ -256,7 +275,7 @@ def _proc_status_bytes(field: str) -> int:
 def memory_in_subprocess(args: argparse.Namespace, finetune: str, data_dir: Path) -> float:
     cmd = [sys.executable, __file__, "--memory-only", finetune, "--data", str(data_dir), "--model", args.model,
            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--device", args.device,
-           "--precision", args.precision]
+           "--precision", args.precision, "--fused", args.fused]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -270,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             print(peak_memory(args, args.memory_only, batches))
             return 0
         syncs = host_syncs(args, batches, Path(tmp) / "logs")
+        optimizer_ms = optimizer_step_ms(args)
         plain, lightning, memory = [], [], {}
         if not args.skip_speed:
             for _ in range(args.repeats):  # alternate to spread machine noise over both
@@ -280,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
         "precision": args.precision, "device": device, "steps": args.steps, "smoke": args.smoke,
-        **syncs,
+        **syncs, "optimizer_step_ms": optimizer_ms,
         "plain_steps_per_s": max(plain, default=None), "lightning_steps_per_s": max(lightning, default=None),
         "lightning_over_plain": max(lightning) / max(plain) if plain else None,
         "images_per_s": max(lightning) * args.batch_size if lightning else None,
@@ -290,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = {None: "device default", True: "fused", False: "for-loop/foreach"}[syncs["optimizer_fused"]]
     rows = [("device", device), ("model", f"{args.model} @ {args.image_size}px, batch {args.batch_size}"),
             ("host syncs per training step", f"{syncs['host_syncs_per_step']:g} ({kinds}; AdamW {optimizer})"),
-            ("top-level ops per training step", f"{syncs['top_level_ops_per_step']:.0f}")]
+            ("top-level ops per training step", f"{syncs['top_level_ops_per_step']:.0f}"),
+            ("AdamW step", f"{optimizer_ms:.1f} ms ({optimizer})")]
     if plain:
         rows += [("plain PyTorch loop", f"{result['plain_steps_per_s']:.2f} steps/s"),
                  ("Lightning GroundingModule", f"{result['lightning_steps_per_s']:.2f} steps/s"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One row of the grounding-head study (docs/training.md): train a recipe for a few hundred steps on
 the demo shards and score one-to-one, one-to-many (+ box and mask NMS) and
-semantic-component outputs on val and held-out every K steps.
+semantic-component outputs on val and held-out every K steps (``--ema``: also weight averages).
 
 A plain loop over ``GroundingModule``'s own model, loss and optimiser (no Lightning, no loader
 workers) so that rows differ only in what a flag changes::
@@ -15,6 +15,7 @@ Prints one JSON line per evaluation (and the running mean of every loss term eve
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -39,7 +40,11 @@ def main() -> None:
     parser.add_argument("--save", help="write the trained model's state dict here at the end")
     parser.add_argument("--nms-iou", type=float, default=0.5, help="box NMS of the one-to-many outputs")
     parser.add_argument("--mask-nms", type=float, default=0.5, help="mask-containment NMS of the one-to-many outputs")
+    parser.add_argument("--ema", type=float, nargs="*", default=[],
+                        help="also score exponential moving averages of the weights with these decays (one-to-many)")
     args = parser.parse_args()
+
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from data_pipelines import ShardDataModule
     from sambridge.metrics import ConceptSegmentationMetrics
@@ -61,6 +66,31 @@ def main() -> None:
     model = module.model
     optimizer, schedule = build_optimizer(module.trainable_parameter_groups(), optimizer_config, args.steps)
     size = (args.image_size, args.image_size)
+    averages = {decay: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+                for decay in args.ema}
+
+    def read_one_to_many(out, batch) -> dict[str, torch.Tensor]:
+        return model.postprocess(out, top_k=20, score_threshold=0.1, out_hw=size, nms_iou=args.nms_iou,
+                                 mask_nms=args.mask_nms)
+
+    @torch.no_grad()
+    def evaluate_averages(loader) -> dict[str, dict[str, float]]:
+        """The one-to-many read-out of each weight average (swapped into the model, then swapped back)."""
+        trained, scores = {k: v.clone() for k, v in model.state_dict().items()}, {}
+        model.eval()
+        model.one_to_many_outputs = True
+        for decay, average in averages.items():
+            model.load_state_dict(average.module.state_dict())
+            metrics = ConceptSegmentationMetrics()
+            for batch in itertools.islice(loader, args.eval_batches):
+                out = model(batch.images, batch.phrases, batch.query_image)
+                metrics.update_from_batch(read_one_to_many(out, batch), batch)
+            scores[f"ema_{decay}"] = {k: round(float(v), 3) for k, v in metrics.compute().items()
+                                      if k in ("cgF1", "AP", "IL_MCC", "count_mae")}
+        model.load_state_dict(trained)
+        model.one_to_many_outputs = False
+        model.train()
+        return scores
 
     @torch.no_grad()
     def evaluate(loader) -> dict[str, dict[str, float]]:
@@ -72,9 +102,8 @@ def main() -> None:
             for one_to_many in (False, True):
                 model.one_to_many_outputs = one_to_many
                 out = model(batch.images, batch.phrases, batch.query_image)
-                post = model.postprocess(out, top_k=20, score_threshold=0.1, out_hw=size,
-                                         nms_iou=args.nms_iou if one_to_many else None,
-                                         mask_nms=args.mask_nms if one_to_many else None)
+                post = (read_one_to_many(out, batch) if one_to_many else
+                        model.postprocess(out, top_k=20, score_threshold=0.1, out_hw=size))
                 scores["one_to_many" if one_to_many else "one_to_one"].update_from_batch(post, batch)
                 if not one_to_many:
                     scores["components"].update_from_batch(
@@ -83,8 +112,8 @@ def main() -> None:
         model.one_to_many_outputs = False
         model.train()
         keys = ("cgF1", "cgF1@0.5", "AP", "AP50", "AP75", "IL_MCC", "pmF1", "mIoU", "count_mae", "duplicate_rate")
-        return {name: {k: round(float(v), 3) for k, v in m.compute().items() if k in keys}
-                for name, m in scores.items()}
+        return {**{name: {k: round(float(v), 3) for k, v in m.compute().items() if k in keys}
+                   for name, m in scores.items()}, **evaluate_averages(loader)}
 
     start, step, running, epoch = time.time(), 0, {}, 0
     batches = iter(data.train_dataloader())
@@ -104,6 +133,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        for average in averages.values():
+            average.update_parameters(model)
         step += 1
         for name, value in losses.items():
             if "_aux_" not in name and "o2m" not in name:
