@@ -13,8 +13,9 @@ demo: install
 demo-video: install
 	$(PY) -m sambridge demo-video
 
+# one pytest worker per core (at most 4), each test file on one worker (its module fixtures built once)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n logical --maxprocesses 4 --dist loadfile
 
 test-all: install
 	$(PY) -m pytest -q -m "not gpu"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,14 @@ LAYOUT = (
 
 # (image, phrase, exhaustive): image 1 has no blue box -> an exhaustive negative
 QUERIES = ((0, "red box", True), (0, "blue box", True), (1, "red box", True), (1, "blue box", True))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker takes its share of the cores (more threads than cores make OpenMP crawl)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
 
 
 @pytest.fixture(autouse=True, scope="session")
