@@ -20,50 +20,46 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
+import numpy as np
 from pycocotools import mask as mask_utils
 
 from data_pipelines.atomic import write_json_atomic
+from sambridge.metrics.saco import RecordError, SacoGroundTruth, load_ground_truth, load_predictions
 
 POOR_MASK_IOU = 0.1
 """Below ``--iou`` but at least this IoU with its own phrase's object: a poor mask, not a miss."""
 
 
-def _best_iou(segmentation: dict, others: Sequence[dict]) -> tuple[float, int]:
-    if not others:
-        return 0.0, -1
-    ious = mask_utils.iou([segmentation], list(others), [0] * len(others))[0]
-    best = int(ious.argmax())
-    return float(ious[best]), best
+def _ious(segmentation: dict, others: Sequence[dict]) -> np.ndarray:
+    """Mask IoU of ``segmentation`` with each of ``others`` (compressed RLEs)."""
+    return mask_utils.iou([segmentation], list(others), [0] * len(others))[0] if others else np.zeros(0)
 
 
-def classify(ground_truth: dict, predictions: Sequence[dict], threshold: float = 0.5,
+def classify(ground_truth: SacoGroundTruth, predictions: Sequence[dict], threshold: float = 0.5,
              iou: float = 0.5) -> tuple[Counter, Counter]:
     """(outcome counts, "asked -> found on" counts) of the detections scoring at least ``threshold``."""
-    images = {image["id"]: image for image in ground_truth["images"]}
-    instances: dict[int, list[dict]] = defaultdict(list)
-    for annotation in ground_truth["annotations"]:
-        instances[annotation["image_id"]].append(annotation["segmentation"])
+    def sample_of(image: dict) -> str:
+        return image.get("sample_key", image["file_name"])
+
     objects: dict[str, list[tuple[str, dict]]] = defaultdict(list)  # sample -> (phrase, mask) of every instance
-    for image_id, image in images.items():
-        objects[image.get("sample_key", image["file_name"])] += [(image["text_input"], m) for m in instances[image_id]]
+    for image_id, image in ground_truth.images.items():
+        objects[sample_of(image)] += [(image["text_input"], m) for m in ground_truth.instances.get(image_id, [])]
     outcomes, confusions = Counter(), Counter()
     for detection in predictions:
         if detection["score"] < threshold:
             continue
-        image = images[detection["image_id"]]
+        image = ground_truth.images[detection["image_id"]]
         asked, mask = image["text_input"], detection["segmentation"]
-        own_iou, _ = _best_iou(mask, instances[detection["image_id"]])
+        own_iou = _ious(mask, ground_truth.instances.get(detection["image_id"], [])).max(initial=0.0)
         if own_iou >= iou:
             outcomes["right"] += 1
             continue
-        sample = objects[image.get("sample_key", image["file_name"])]
-        other = [(phrase, m) for phrase, m in sample if phrase != asked]
-        other_iou, best = _best_iou(mask, [m for _, m in other])
-        if other_iou >= iou:
-            names = [phrase for phrase, m in other if _best_iou(mask, [m])[0] >= iou]
-            found_on = max(names, key=lambda p: (len(p.split()), p))
+        other = [(phrase, m) for phrase, m in objects[sample_of(image)] if phrase != asked]
+        overlaps = _ious(mask, [m for _, m in other])
+        names = [phrase for (phrase, _), overlap in zip(other, overlaps, strict=True) if overlap >= iou]
+        if names:
             outcomes["on another phrase's object"] += 1
-            confusions[f"{asked} -> {found_on}"] += 1
+            confusions[f"{asked} -> {max(names, key=lambda p: (len(p.split()), p))}"] += 1
         elif own_iou >= POOR_MASK_IOU:
             outcomes["on its object, poor mask"] += 1
         else:
@@ -80,10 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top", type=int, default=12, help="confusions to print")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
-    with open(args.gt, encoding="utf-8") as f:
-        ground_truth = json.load(f)
-    with open(args.pred, encoding="utf-8") as f:
-        predictions = json.load(f)
+    try:
+        ground_truth = load_ground_truth(args.gt)
+        predictions = load_predictions(args.pred, ground_truth)
+    except (OSError, RecordError) as err:
+        parser.exit(2, f"wrong_detections: error: {err}\n")
     outcomes, confusions = classify(ground_truth, predictions, args.threshold, args.iou)
     total = sum(outcomes.values())
     print(f"| detections scoring >= {args.threshold} | count | share |\n|---|---|---|")
