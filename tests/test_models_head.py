@@ -149,6 +149,15 @@ def test_sam3_checkpoint_initialises_the_head(tmp_path, sam3_state, tiny_grounde
     assert selection and all(torch.equal(v, loaded[k]) for k, v in selection.items())
 
 
+def test_sam3_checkpoint_leaves_the_region_alignment_initialised(tmp_path, sam3_state, tiny_grounded_sam2):
+    path = _save(tmp_path / "sam3.pt", sam3_state)
+    model = tiny_grounded_sam2(seed=1, sam3_checkpoint=path, head={"region_alignment": True})
+    untouched = tiny_grounded_sam2(seed=1, head={"region_alignment": True})
+    own = {k: v for k, v in head_state_dict(untouched.detector).items()
+           if k.startswith("transformer.region_alignment.")}
+    assert own and all(torch.equal(v, head_state_dict(model.detector)[k]) for k, v in own.items())
+
+
 def test_sam3_checkpoint_with_missing_or_extra_head_keys_is_refused(tmp_path, sam3_state, tiny_grounded_sam2):
     missing = dict(sam3_state)
     del missing["detector.transformer.decoder.presence_token.weight"]

@@ -150,6 +150,9 @@ class GroundingLossWeights:
         semantic_bce: BCE on the head's semantic mask, the union of the phrase's instances (0: none,
             SAM3's image recipe). Needed by ``prediction.outputs: components``.
         semantic_dice: Dice loss on the head's semantic mask.
+        region_phrase: BCE of the region-phrase alignment scores (``loss_region_phrase``), for a head
+            built with ``region_alignment``: each annotated instance's mask-pooled image feature
+            against the phrases of its image.
     """
 
     box_l1: float = 5.0
@@ -168,6 +171,7 @@ class GroundingLossWeights:
     mask_stride: int | None = None
     semantic_bce: float = 0.0
     semantic_dice: float = 0.0
+    region_phrase: float = 10.0
 
 
 class GroundingLoss(nn.Module):
@@ -206,6 +210,7 @@ class GroundingLoss(nn.Module):
         super().__init__()
         w = weights if weights is not None else GroundingLossWeights()
         self.semantic_weights = {"loss_semantic_seg": w.semantic_bce, "loss_semantic_dice": w.semantic_dice}
+        self.region_phrase_weight = w.region_phrase
         if w.mask_stride is not None and w.mask_stride < 1:
             raise ValueError(f"mask_stride must be a positive integer or None, got {w.mask_stride}")
         self.mask_stride = w.mask_stride
@@ -287,6 +292,9 @@ class GroundingLoss(nn.Module):
             semantic_terms = self._semantic(outputs["semantic_seg"], targets)
             terms.update(semantic_terms)
             total = total + sum(self.semantic_weights[k] * v for k, v in semantic_terms.items())
+        if "region_alignment" in outputs:
+            terms["loss_region_phrase"] = self._region_phrase(outputs["region_alignment"])
+            total = total + self.region_phrase_weight * terms["loss_region_phrase"]
         if "refine" in outputs:
             refine_terms = self._refine(outputs["refine"], targets["masks"])
             terms.update(refine_terms)
@@ -348,6 +356,11 @@ class GroundingLoss(nn.Module):
         dice = loss_fns.dice_loss(logits, union, num_boxes=1, reduce=False)
         return {"loss_semantic_seg": (bce * known).sum() / self._normaliser(known.sum(), logits.device),
                 "loss_semantic_dice": (dice * present).sum() / self._normaliser(present.sum(), logits.device)}
+
+    def _region_phrase(self, alignment: dict[str, Tensor]) -> Tensor:
+        """BCE of the region-phrase scores over the pairs with a target (``models.region_alignment``)."""
+        bce = F.binary_cross_entropy_with_logits(alignment["logits"].float(), alignment["target"], reduction="none")
+        return (bce * alignment["known"]).sum() / self._normaliser(alignment["known"].sum(), bce.device)
 
     def _refine(self, refine: dict[str, Tensor], masks: Tensor) -> dict[str, Tensor]:
         """SAM2's ``MultiStepMultiMasksAndIous`` recipe (one step) on the box-prompted masks."""

@@ -60,6 +60,12 @@ def _unique(phrases: list[str], device: torch.device) -> tuple[list[str], Tensor
     return unique, torch.tensor([position[p] for p in phrases], dtype=torch.long, device=device)
 
 
+def _pooled(text: dict[str, Tensor]) -> Tensor:
+    """(P, D) mean of each phrase's token features over its real tokens."""
+    real = (~text["language_mask"]).T[..., None].to(text["language_features"].dtype)  # (L, P, 1)
+    return (text["language_features"] * real).sum(0) / real.sum(0).clamp(min=1.0)
+
+
 class GroundedSAM2(nn.Module):
     """Noun phrase in, every matching instance out (boxes, scores, masks, presence).
 
@@ -251,14 +257,21 @@ class GroundedSAM2(nn.Module):
             sam3's output dict: ``pred_logits`` (Q, K, 1), ``pred_boxes`` (Q, K, 4) normalised
             cxcywh, ``pred_boxes_xyxy``, ``pred_masks`` (Q, K, S/4, S/4) logits,
             ``presence_logit_dec`` (Q, 1), ``semantic_seg`` (Q, 1, S/4, S/4), ``queries``; in
-            training also ``aux_outputs`` and the one-to-many ``*_o2m`` outputs. Plus
+            training also ``aux_outputs`` and the one-to-many ``*_o2m`` outputs, and with ``targets``
+            and a head built with ``region_alignment`` its scores (``region_alignment``). Plus
             ``backbone_fpn``/``sam2_backbone_fpn`` (feature lists), ``query_image`` and ``input_hw``.
         """
         self._check_queries(images, phrases, query_image)
-        out = self.ground(self.encode_images(images), phrases, query_image)
+        features = self.encode_images(images)
+        unique, text_ids = _unique(list(phrases), features["vision_features"].device)
+        text = self.encode_phrases(unique)
+        out = self.ground_encoded(features, text, text_ids, query_image)
         out["input_hw"] = tuple(images.shape[-2:])
         if targets is not None:
             self.match(out, targets)
+            alignment = getattr(self.detector.transformer, "region_alignment", None)
+            if alignment is not None:
+                out["region_alignment"] = alignment(features["vision_features"], _pooled(text)[text_ids], targets)
             if self.prompt_decoder is not None and self.train_refinement:
                 out["refine"] = self._refine_matched(out)
         return out

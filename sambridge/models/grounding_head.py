@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from sambridge.compat import apply_sam3_compat
 from sambridge.models.checkpoint_io import CheckpointError, load_state_dict_strict, read_weights
+from sambridge.models.region_alignment import RegionPhraseAlignment
 
 HEAD_MODULES = ("transformer", "dot_prod_scoring", "segmentation_head", "geometry_encoder")
 """Sub-modules of sam3's ``Sam3Image`` that make up the grounding head (everything but the backbone)."""
@@ -32,6 +33,9 @@ SAM3_DETECTOR_PREFIX = "detector."
 
 QUERY_SELECTION_PREFIX = "transformer.query_selection."
 """Head entries SAM3 does not have (``HeadConfig.query_selection``): a SAM3 head leaves them initialised."""
+
+OWN_HEAD_PREFIXES = (QUERY_SELECTION_PREFIX, "transformer.region_alignment.")
+"""Every head entry SAM3 does not have (``query_selection``, ``region_alignment``)."""
 
 
 PROPOSAL_ASSIGNMENTS = ("hungarian", "mask")
@@ -61,6 +65,8 @@ class HeadConfig:
             ``4 × num_queries`` proposals; ``None``: plain top-k). Neighbouring tokens of one object
             propose near-identical boxes, so plain top-k spends several queries on each salient
             object, which then split its score between them.
+        region_alignment: Score each annotated instance's image feature against the phrases of its
+            image in training (``models.region_alignment``; its loss is ``loss.region_phrase``).
         activation_checkpointing: Recompute the segmentation head and geometry encoder in the
             backward pass (SAM3's setting: less memory, more compute); the fusion encoder and DETR
             decoder always checkpoint in training (sam3 asserts it).
@@ -77,6 +83,7 @@ class HeadConfig:
     query_selection: bool = False
     proposal_assignment: str = "hungarian"
     proposal_nms: float | None = None
+    region_alignment: bool = False
     activation_checkpointing: bool = True
 
     def __post_init__(self) -> None:
@@ -170,6 +177,8 @@ def build_transformer(cfg: HeadConfig) -> nn.Module:
     transformer = TransformerWrapper(encoder=encoder, decoder=decoder, d_model=cfg.d_model)
     if cfg.query_selection:
         transformer.query_selection = QuerySelection(cfg)
+    if cfg.region_alignment:
+        transformer.region_alignment = RegionPhraseAlignment(cfg.d_model)
     return transformer
 
 
@@ -402,14 +411,14 @@ def load_sam3_head(detector: nn.Module, path: str | os.PathLike) -> None:
             f"entries (first keys: {sorted(blob)[:5]})"
         )
     view = _HeadView(detector)
-    load_state_dict_strict(view, with_own_query_selection(head, view.state_dict()),
+    load_state_dict_strict(view, with_own_head_entries(head, view.state_dict()),
                            f"SAM3 checkpoint {path} (head keys)")
 
 
-def with_own_query_selection(sam3_head: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``sam3_head`` plus ``own``'s query-selection entries, which SAM3's head does not have (they
-    keep their initialisation)."""
-    return {**{k: v for k, v in own.items() if k.startswith(QUERY_SELECTION_PREFIX)}, **sam3_head}
+def with_own_head_entries(sam3_head: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``sam3_head`` plus ``own``'s entries that SAM3's head does not have (query selection, region
+    alignment; they keep their initialisation)."""
+    return {**{k: v for k, v in own.items() if k.startswith(OWN_HEAD_PREFIXES)}, **sam3_head}
 
 
 class _HeadView(nn.Module):

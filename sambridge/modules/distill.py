@@ -34,7 +34,7 @@ from sambridge.losses import GroundingLoss, GroundingLossWeights
 from sambridge.losses.distill import DistillLoss, DistillWeights, uses_terms
 from sambridge.models import LoraSettings, apply_finetune_mode, create_model
 from sambridge.models.checkpoint_io import check_state_dict
-from sambridge.models.grounding_head import head_state_dict, with_own_query_selection
+from sambridge.models.grounding_head import head_state_dict, with_own_head_entries
 from sambridge.models.sam3_teacher import TEACHER_MODELS
 from sambridge.models.teacher_targets import STORAGE_DTYPE, pooled_query_features, select_teacher_targets
 from sambridge.modules.base import config_arg
@@ -328,7 +328,7 @@ def init_head_from(student: nn.Module, teacher: nn.Module, source: str) -> None:
         CheckpointError: naming the missing/unexpected keys and shape mismatches when the heads differ.
     """
     student_head = head_state_dict(student.detector)
-    teacher_head = with_own_query_selection(head_state_dict(teacher.detector), student_head)
+    teacher_head = with_own_head_entries(head_state_dict(teacher.detector), student_head)
     check_state_dict(
         student_head,
         teacher_head,
