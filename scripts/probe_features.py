@@ -29,6 +29,7 @@ from data_pipelines.atomic import write_json_atomic
 from data_pipelines.batch import GroundingBatch
 from sambridge.models import create_model
 from sambridge.models.checkpoint_io import CheckpointError
+from sambridge.models.region_alignment import mask_mean
 from sambridge.models.standalone import architecture_args
 from sambridge.modules.checkpoint import model_from_checkpoint
 
@@ -55,12 +56,9 @@ def pooled_features(model: torch.nn.Module, batches: Iterable[GroundingBatch],
         keep = [i for i, q in enumerate(owner.tolist()) if label_of(batch.phrases[q], word) is not None]
         if not keep:
             continue
-        masks = batch.masks[keep].float()[:, None]
         image = batch.query_image[owner[keep]]
         for store, feats in zip(levels, fpn, strict=True):
-            weights = F.interpolate(masks, size=feats.shape[-2:], mode="area")[:, 0]
-            pooled = torch.einsum("ndhw,nhw->nd", feats[image].float(), weights)
-            store.append(pooled / weights.sum((1, 2)).clamp(min=1e-6)[:, None])
+            store.append(mask_mean(feats.float(), batch.masks[keep], image))
         labels += [label_of(batch.phrases[q], word) for q in owner[keep].tolist()]
     return [torch.cat(store) for store in levels], labels
 

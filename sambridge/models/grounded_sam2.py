@@ -203,9 +203,13 @@ class GroundedSAM2(nn.Module):
 
     def ground(self, features: dict, phrases: list[str], query_image: Tensor) -> dict:
         """Run the text tower (once per unique phrase) and the head (once per query) on image features."""
-        device = features["vision_features"].device
+        text, text_ids = self._encode_unique(phrases, features["vision_features"].device)
+        return self.ground_encoded(features, text, text_ids, query_image)
+
+    def _encode_unique(self, phrases: list[str], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+        """The text tower's outputs for each distinct phrase once, and each phrase's index into them."""
         unique, text_ids = _unique(list(phrases), device)
-        return self.ground_encoded(features, self.encode_phrases(unique), text_ids, query_image)
+        return self.encode_phrases(unique), text_ids
 
     def encode_phrases(self, phrases: list[str]) -> dict[str, Tensor]:
         """The text tower's ``language_features`` (L, P, D), ``language_mask`` (P, L) and
@@ -263,8 +267,7 @@ class GroundedSAM2(nn.Module):
         """
         self._check_queries(images, phrases, query_image)
         features = self.encode_images(images)
-        unique, text_ids = _unique(list(phrases), features["vision_features"].device)
-        text = self.encode_phrases(unique)
+        text, text_ids = self._encode_unique(phrases, features["vision_features"].device)
         out = self.ground_encoded(features, text, text_ids, query_image)
         out["input_hw"] = tuple(images.shape[-2:])
         if targets is not None:

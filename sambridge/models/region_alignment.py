@@ -25,6 +25,14 @@ IDENTITY_GRID = 32
 """Side of the grid the instance masks are compared on to find the same object under two phrases."""
 
 
+def mask_mean(features: Tensor, masks: Tensor, image: Tensor) -> Tensor:
+    """(N, d) mean of (B, d, h, w) ``features`` of image ``image[n]`` inside (N, H, W) mask n, each mask
+    area-resized to the feature grid (a cell counts by the fraction of it the mask covers)."""
+    weights = F.interpolate(masks.to(features.dtype)[:, None], size=features.shape[-2:], mode="area")[:, 0]
+    pooled = torch.einsum("ndhw,nhw->nd", features[image], weights)
+    return pooled / weights.sum((1, 2)).clamp(min=1e-6)[:, None]
+
+
 class RegionPhraseAlignment(nn.Module):
     """Scores of the annotated instances against the phrases of their image (training only).
 
@@ -45,12 +53,10 @@ class RegionPhraseAlignment(nn.Module):
         ``known`` marks the pairs that have a target: the phrases of the instance's own image that
         name it, and the exhaustive ones that do not.
         """
-        masks = batch.masks.to(features.dtype)[:, None]
-        weights = F.interpolate(masks, size=features.shape[-2:], mode="area")[:, 0]  # (N, h, w)
         image = batch.query_image[batch.instance_query]
-        pooled = torch.einsum("ndhw,nhw->nd", features[image], weights)
-        pooled = pooled / weights.sum((1, 2)).clamp(min=1e-6)[:, None]
+        pooled = mask_mean(features, batch.masks, image)
         logits = self.region(pooled) @ self.phrase(phrases).T / math.sqrt(pooled.shape[-1]) + self.bias
+        masks = batch.masks.to(features.dtype)[:, None]
         coarse = (F.interpolate(masks, size=(IDENTITY_GRID, IDENTITY_GRID), mode="area")[:, 0] >= 0.5).flatten(1)
         overlap = coarse.float() @ coarse.float().T
         area = coarse.sum(1).float()
